@@ -1,0 +1,139 @@
+//! The `portico` command: arguments, config, runtime, logging. The work is in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use portico::config::{self, Config, LogFormat};
+use portico::server;
+
+/// One front for port 443: routes TLS by SNI/ALPN, passes tunnels through with
+/// PROXY protocol, and terminates TLS for streaming HTTP APIs.
+#[derive(Parser)]
+#[command(name = "portico", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run with a config file.
+    Run {
+        /// Config file (TOML).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Load and validate a config (and its certificates), print the route table.
+    Check {
+        /// Config file (TOML).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check { config }) => check(&config),
+        Some(Command::Run { config }) => run(load(Some(&config))),
+        None => {
+            let from_env = std::env::var_os("PORTICO_CONFIG").map(PathBuf::from);
+            run(load(from_env.as_deref()))
+        }
+    }
+}
+
+fn load(path: Option<&Path>) -> Result<Config, String> {
+    match path {
+        Some(p) => config::load_file(p).map_err(|e| e.to_string()),
+        None => config::load_str(config::EMBEDDED_DEFAULT, config::EMBEDDED_NAME)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    let generation = match config::load_file(path).and_then(server::prepare) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("portico: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", portico::config::describe(&generation.config));
+    ExitCode::SUCCESS
+}
+
+fn init_logging(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    // RUST_LOG, when set, wins over log.level.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(cfg: Result<Config, String>) -> ExitCode {
+    let cfg = match cfg {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("portico: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&cfg);
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    // tokio itself honours TOKIO_WORKER_THREADS when we leave the count unset.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        if let Some(n) = cfg.workers {
+            rt.worker_threads(n);
+        }
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portico: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let embedded = cfg.path.is_none();
+    let first_listen = cfg.listeners.first().map(|l| l.addr);
+    let generation = match server::prepare(cfg) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("portico: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = match portico::metrics::install() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("portico: metrics disabled: {e}");
+            None
+        }
+    };
+    let result = rt.block_on(async move {
+        if embedded {
+            if let Some(addr) = first_listen {
+                eprintln!(
+                    "portico: running the embedded default config; try:\n  curl -k https://localhost:{}/",
+                    addr.port()
+                );
+            }
+        }
+        server::run(generation, metrics).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portico: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

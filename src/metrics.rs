@@ -1,0 +1,133 @@
+//! Metric names (the contract in the README), their help texts and buckets,
+//! the Prometheus recorder, and RAII guards for gauges.
+//!
+//! Label values are always names from the config or small fixed sets, never
+//! client-supplied strings, so no client can grow the number of series.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "portico_connections_total";
+pub const CLIENT_HELLO_FAILURES: &str = "portico_client_hello_failures_total";
+pub const PROXY_HEADER_FAILURES: &str = "portico_proxy_header_failures_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "portico_tls_handshake_failures_total";
+pub const TUNNEL_ACTIVE: &str = "portico_tunnel_active";
+pub const TUNNEL_BYTES: &str = "portico_tunnel_bytes_total";
+pub const TUNNEL_DURATION: &str = "portico_tunnel_duration_seconds";
+pub const BACKEND_CONNECT_FAILURES: &str = "portico_backend_connect_failures_total";
+pub const HTTP_REQUESTS: &str = "portico_http_requests_total";
+pub const HTTP_FIRST_BYTE: &str = "portico_http_first_byte_seconds";
+pub const HTTP_STREAM_DURATION: &str = "portico_http_stream_duration_seconds";
+pub const HTTP_STREAMS_ACTIVE: &str = "portico_http_streams_active";
+pub const HTTP_BODY_BYTES: &str = "portico_http_body_bytes_total";
+pub const SSE_EVENTS: &str = "portico_sse_events_total";
+pub const WEBSOCKET_MESSAGES: &str = "portico_websocket_messages_total";
+pub const UPSTREAM_FAILURES: &str = "portico_upstream_failures_total";
+pub const CONFIG_RELOADS: &str = "portico_config_reloads_total";
+pub const CONNECTIONS_ACTIVE: &str = "portico_connections_active";
+pub const CONNECTIONS_REFUSED: &str = "portico_connections_refused_total";
+
+/// First byte: 1 ms to 60 s, roughly x2.5 per step (LLM first tokens take seconds).
+const FIRST_BYTE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+/// Stream and tunnel durations: 10 ms to 4 h.
+const DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+
+/// Install the global recorder (once per process) and describe every metric.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(HTTP_FIRST_BYTE.into()), FIRST_BYTE_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(HTTP_STREAM_DURATION.into()), DURATION_BUCKETS)
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(TUNNEL_DURATION.into()), DURATION_BUCKETS)
+        })
+        .map_err(|e| e.to_string())?;
+    let handle = builder.install_recorder().map_err(|e| e.to_string())?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(CONNECTIONS, "Accepted connections by listener, matched route and action (pass|terminate|redirect|reject).");
+    describe_counter!(
+        CLIENT_HELLO_FAILURES,
+        "Connections closed before routing, by reason (timeout|malformed|too_large|no_route)."
+    );
+    describe_counter!(PROXY_HEADER_FAILURES, "Inbound PROXY headers refused, by listener and reason (untrusted|malformed|too_large|timeout|eof|io).");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes that failed on terminated sites."
+    );
+    describe_gauge!(TUNNEL_ACTIVE, "Open passthrough tunnels per backend.");
+    describe_counter!(TUNNEL_BYTES, Unit::Bytes, "Bytes passed through tunnels per backend; direction is upstream (client to backend) or downstream.");
+    describe_histogram!(
+        TUNNEL_DURATION,
+        Unit::Seconds,
+        "Lifetime of passthrough tunnels per backend."
+    );
+    describe_counter!(
+        BACKEND_CONNECT_FAILURES,
+        "Failed connects to passthrough backends."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests by site, location, method, status and protocol (http1|h2)."
+    );
+    describe_histogram!(
+        HTTP_FIRST_BYTE,
+        Unit::Seconds,
+        "Time from request start to the first response body byte."
+    );
+    describe_histogram!(
+        HTTP_STREAM_DURATION,
+        Unit::Seconds,
+        "Duration of HTTP responses by kind (http|sse|websocket)."
+    );
+    describe_gauge!(
+        HTTP_STREAMS_ACTIVE,
+        "Open HTTP responses by kind (http|sse|websocket)."
+    );
+    describe_counter!(
+        HTTP_BODY_BYTES,
+        Unit::Bytes,
+        "HTTP body bytes; direction is request or response."
+    );
+    describe_counter!(SSE_EVENTS, "Server-sent events relayed to clients.");
+    describe_counter!(
+        WEBSOCKET_MESSAGES,
+        "WebSocket messages relayed; direction is client_to_upstream or upstream_to_client."
+    );
+    describe_counter!(
+        UPSTREAM_FAILURES,
+        "Failed upstream requests by reason (refused|timeout|reset|protocol)."
+    );
+    describe_counter!(CONFIG_RELOADS, "Config reloads by result (ok|error).");
+    describe_gauge!(CONNECTIONS_ACTIVE, "Open client connections per listener.");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed at accept because a limit was reached, by listener and limit."
+    );
+}
+
+/// Increments a gauge now and decrements it when dropped, whichever way the
+/// owner ends (return, error, panic, cancellation).
+#[must_use]
+pub struct GaugeGuard(metrics::Gauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
