@@ -88,37 +88,48 @@ fn parse(buf: &[u8]) -> Result<Step, InboundError> {
             "expected a PROXY header first".into(),
         ));
     }
-    let result = HeaderResult::parse(buf);
-    if result.is_incomplete() {
-        if !is_v2 && buf.len() >= V1_MAX {
+    // v1 is a text line: complete at its CRLF. ppp's partial-input answers
+    // for v1 are not reliable at every prefix, so only hand it whole lines.
+    if !is_v2 {
+        let n = buf.len().min(6);
+        if buf[..n] != b"PROXY "[..n] {
             return Err(InboundError::Malformed(
-                "v1 header longer than 107 bytes".into(),
+                "expected a PROXY header first".into(),
             ));
         }
+        match buf.windows(2).position(|w| w == b"\r\n") {
+            Some(end) if end + 2 <= V1_MAX => {
+                let line = &buf[..end + 2];
+                return match v1::Header::try_from(line) {
+                    Ok(h) => Ok(Step::Done {
+                        len: line.len(),
+                        carried: v1_carried(h.addresses),
+                    }),
+                    Err(e) => Err(InboundError::Malformed(format!("v1: {e}"))),
+                };
+            }
+            Some(_) => {
+                return Err(InboundError::Malformed(
+                    "v1 header longer than 107 bytes".into(),
+                ))
+            }
+            None if buf.len() >= V1_MAX => {
+                return Err(InboundError::Malformed(
+                    "v1 header longer than 107 bytes".into(),
+                ))
+            }
+            None => return Ok(Step::NeedMore),
+        }
+    }
+    let result = HeaderResult::parse(buf);
+    if result.is_incomplete() {
         return Ok(Step::NeedMore);
     }
     match result {
-        HeaderResult::V1(Ok(h)) => {
-            let len = h.header.len();
-            let carried = match h.addresses {
-                v1::Addresses::Tcp4(a) => Some(Carried {
-                    source: SocketAddr::new(IpAddr::V4(a.source_address), a.source_port),
-                    destination: SocketAddr::new(
-                        IpAddr::V4(a.destination_address),
-                        a.destination_port,
-                    ),
-                }),
-                v1::Addresses::Tcp6(a) => Some(Carried {
-                    source: SocketAddr::new(IpAddr::V6(a.source_address), a.source_port),
-                    destination: SocketAddr::new(
-                        IpAddr::V6(a.destination_address),
-                        a.destination_port,
-                    ),
-                }),
-                v1::Addresses::Unknown => None,
-            };
-            Ok(Step::Done { len, carried })
-        }
+        HeaderResult::V1(Ok(h)) => Ok(Step::Done {
+            len: h.header.len(),
+            carried: v1_carried(h.addresses),
+        }),
         HeaderResult::V2(Ok(h)) => {
             let len = h.len();
             let carried = match (h.command, h.addresses) {
@@ -143,6 +154,20 @@ fn parse(buf: &[u8]) -> Result<Step, InboundError> {
         }
         HeaderResult::V1(Err(e)) => Err(InboundError::Malformed(format!("v1: {e}"))),
         HeaderResult::V2(Err(e)) => Err(InboundError::Malformed(format!("v2: {e}"))),
+    }
+}
+
+fn v1_carried(a: v1::Addresses) -> Option<Carried> {
+    match a {
+        v1::Addresses::Tcp4(a) => Some(Carried {
+            source: SocketAddr::new(IpAddr::V4(a.source_address), a.source_port),
+            destination: SocketAddr::new(IpAddr::V4(a.destination_address), a.destination_port),
+        }),
+        v1::Addresses::Tcp6(a) => Some(Carried {
+            source: SocketAddr::new(IpAddr::V6(a.source_address), a.source_port),
+            destination: SocketAddr::new(IpAddr::V6(a.destination_address), a.destination_port),
+        }),
+        v1::Addresses::Unknown => None,
     }
 }
 

@@ -207,12 +207,14 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
             None | Some("none") => ProxyVersion::None,
             Some("v1") => ProxyVersion::V1,
             Some("v2") => ProxyVersion::V2,
-            Some(other) => return Err(cx.err(
-                format!("{key}.proxy_protocol"),
-                format!(
+            Some(other) => {
+                return Err(cx.err(
+                    format!("{key}.proxy_protocol"),
+                    format!(
                     "{other:?} is not a PROXY protocol version (use \"none\", \"v1\" or \"v2\")"
                 ),
-            )),
+                ))
+            }
         };
         backends.insert(
             name.clone(),
