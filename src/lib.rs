@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod config;
 pub mod hello;
+pub mod http;
 pub mod io;
 pub mod listener;
 pub mod metrics;
@@ -17,4 +18,5 @@ pub mod proxy_protocol;
 pub mod route;
 pub mod server;
 pub mod terminate;
+pub mod tls;
 pub mod tunnel;

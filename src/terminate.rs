@@ -1,38 +1,252 @@
-//! TLS termination and the plain-HTTP redirect (filled in by the HTTP layer).
+//! `terminate` routes: the TLS handshake (over the peeked bytes), then HTTP,
+//! or the site's `non_http` backend for decrypted streams that are not HTTP.
+//! Also the plain-HTTP `redirect` route.
 
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
 use std::sync::Arc;
 
+use bytes::BytesMut;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::hello::{self, Peeked};
+use crate::http::proxy::{ConnContext, SiteRuntime};
+use crate::http::upstream::UpstreamClient;
+use crate::http::{self as h, Negotiated, ServeOptions};
 use crate::io::Prefixed;
 use crate::listener::{ConnInfo, Generation, Shared};
+use crate::metrics as m;
+use crate::proxy_protocol::{self, Outbound};
+use crate::tunnel;
 
-/// Per-site TLS state built from a config.
+/// A terminated site ready for connections.
+pub struct SiteEntry {
+    pub acceptor: TlsAcceptor,
+    pub http: Arc<SiteRuntime>,
+}
+
+/// Per-site TLS and HTTP state built from a config.
 #[derive(Default)]
-pub struct Sites {}
+pub struct Sites {
+    sites: HashMap<String, SiteEntry>,
+}
 
 impl Sites {
-    pub fn build(_cfg: &Config) -> Result<Sites, crate::config::ConfigError> {
-        Ok(Sites {})
+    /// Load every certificate and compile every site. Errors name the key.
+    pub fn build(cfg: &Config) -> Result<Sites, ConfigError> {
+        let clients: BTreeMap<String, Arc<UpstreamClient>> = cfg
+            .upstreams
+            .iter()
+            .map(|(name, u)| {
+                (
+                    name.clone(),
+                    Arc::new(UpstreamClient::new(
+                        u.clone(),
+                        cfg.timeouts.upstream_connect,
+                    )),
+                )
+            })
+            .collect();
+        let mut sites = HashMap::new();
+        for (name, site) in &cfg.sites {
+            let tls = crate::tls::server_config(site).map_err(|reason| ConfigError {
+                source: cfg.source.clone(),
+                key: format!("site.{name}.cert"),
+                reason,
+            })?;
+            sites.insert(
+                name.clone(),
+                SiteEntry {
+                    acceptor: TlsAcceptor::from(tls),
+                    http: Arc::new(SiteRuntime::new(site.clone(), &clients, cfg.timeouts.idle)),
+                },
+            );
+        }
+        Ok(Sites { sites })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&SiteEntry> {
+        self.sites.get(name)
     }
 }
 
+/// Complete the TLS handshake on a connection routed to `site`, then serve it.
 pub async fn serve(
-    _io: Prefixed<TcpStream>,
+    io: Prefixed<TcpStream>,
     site: &str,
     info: ConnInfo,
-    _gen: Arc<Generation>,
-    _shared: Arc<Shared>,
+    gen: Arc<Generation>,
+    shared: Arc<Shared>,
 ) {
-    tracing::debug!(site, client = %info.client, "TLS termination not available yet");
+    let Some(entry) = gen.terminate.get(site) else {
+        return;
+    };
+    let cfg = &gen.config;
+    let handshake =
+        tokio::time::timeout(cfg.timeouts.tls_handshake, entry.acceptor.accept(io)).await;
+    let mut tls = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "site" => site.to_string()).increment(1);
+            debug!(site, client = %info.client, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "site" => site.to_string()).increment(1);
+            debug!(site, client = %info.client, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (negotiated, sni, alpn) = {
+        let (_, conn) = tls.get_ref();
+        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        let negotiated = match alpn.as_deref() {
+            Some(b"h2") => Negotiated::H2,
+            Some(b"http/1.1") => Negotiated::Http1,
+            _ => Negotiated::Unknown,
+        };
+        (negotiated, conn.server_name().map(str::to_string), alpn)
+    };
+
+    let mut first = BytesMut::new();
+    if let Some(backend) = entry.http.config.non_http.clone() {
+        // The first decrypted bytes decide: HTTP goes to the HTTP server,
+        // anything else (VLESS, Trojan, ...) to the non_http backend.
+        let peeked = hello::peek(&mut tls, &mut first, cfg.timeouts.request_header).await;
+        match peeked {
+            Ok(Peeked::Http) => {}
+            Ok(_) | Err(hello::PeekError::Detect(_)) => {
+                let out = Outbound {
+                    source: info.client,
+                    destination: info.local,
+                    sni: sni.as_deref(),
+                    alpn: alpn.as_deref(),
+                };
+                let mut head = proxy_protocol::outbound_header(backend.proxy_protocol, &out);
+                head.extend_from_slice(&first);
+                let conn = match tunnel::connect(&backend, cfg.timeouts.upstream_connect).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        metrics::counter!(m::BACKEND_CONNECT_FAILURES, "backend" => backend.name.clone()).increment(1);
+                        tracing::warn!(site, backend = %backend.name, error = %e, "non_http backend unreachable; closing client");
+                        return;
+                    }
+                };
+                let _active = crate::metrics::GaugeGuard::new(
+                    metrics::gauge!(m::TUNNEL_ACTIVE, "backend" => backend.name.clone()),
+                );
+                let started = std::time::Instant::now();
+                let stats = tunnel::pipe(
+                    tls,
+                    conn,
+                    &head,
+                    &backend.name,
+                    cfg.timeouts.idle,
+                    shared.hard_stop.cancelled(),
+                )
+                .await;
+                metrics::histogram!(m::TUNNEL_DURATION, "backend" => backend.name.clone())
+                    .record(started.elapsed().as_secs_f64());
+                tracing::info!(target: "portico::access", kind = "tunnel", client = %info.client, site, backend = %backend.name,
+                    bytes_up = stats.up, bytes_down = stats.down, duration_ms = started.elapsed().as_millis() as u64, cause = %stats.cause, "tunnel closed");
+                return;
+            }
+            Err(e) => {
+                debug!(site, client = %info.client, error = %e, "no first bytes after the handshake; closing");
+                return;
+            }
+        }
+    }
+
+    let ctx = Arc::new(ConnContext {
+        client: info.client.ip(),
+    });
+    h::serve(
+        Prefixed::new(first, tls),
+        entry.http.clone(),
+        ctx,
+        ServeOptions {
+            limits: cfg.limits,
+            timeouts: cfg.timeouts,
+            negotiated,
+            shutdown: shared.shutdown.clone(),
+            hard_stop: shared.hard_stop.clone(),
+        },
+    )
+    .await;
 }
 
+/// Answer every request on a plain-HTTP connection with a 308 to https.
 pub async fn redirect(
-    _io: Prefixed<TcpStream>,
+    io: Prefixed<TcpStream>,
     info: ConnInfo,
-    _gen: Arc<Generation>,
-    _shared: Arc<Shared>,
+    gen: Arc<Generation>,
+    shared: Arc<Shared>,
 ) {
-    tracing::debug!(client = %info.client, "redirect not available yet");
+    let svc =
+        service_fn(
+            |req: Request<Incoming>| async move { Ok::<_, Infallible>(redirect_response(&req)) },
+        );
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(gen.config.timeouts.request_header)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(client = %info.client, error = %e, "redirect connection error");
+            }
+        }
+        _ = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
+        }
+    }
+}
+
+fn redirect_response(req: &Request<Incoming>) -> Response<Full<bytes::Bytes>> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| h.to_string())
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let Some(host) = host.filter(|h| !h.is_empty() && !h.contains(['/', '\\', '@', ' '])) else {
+        let mut r = Response::new(Full::from("bad request: missing Host header\n"));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    // Drop the port of the plain listener: https is on its default port.
+    let name = if host.starts_with('[') {
+        host.split_inclusive(']')
+            .next()
+            .unwrap_or(&host)
+            .to_string()
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h.to_string(),
+            _ => host.clone(),
+        }
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{name}{path}");
+    let mut r = Response::new(Full::from(format!("moved to {location}\n")));
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
 }

@@ -166,6 +166,81 @@ impl<S: AsyncWrite> AsyncWrite for Metered<S> {
     }
 }
 
+/// Join two streams until both directions end, an error, or `idle` without
+/// a byte either way. Used for upgraded HTTP connections.
+pub async fn join_with_idle<A, B>(a: &mut A, b: &mut B, idle: Duration) -> Result<(), String>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Arc::new(Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    });
+    let mut a = Touching {
+        inner: a,
+        activity: activity.clone(),
+    };
+    let mut b = Touching {
+        inner: b,
+        activity: activity.clone(),
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut a, &mut b) => r.map(|_| ()).map_err(|e| e.to_string()),
+        _ = idle_watchdog(&activity, idle) => Err("idle timeout".into()),
+    }
+}
+
+async fn idle_watchdog(activity: &Activity, idle: Duration) {
+    loop {
+        let quiet = activity.idle_for();
+        if quiet >= idle {
+            return;
+        }
+        tokio::time::sleep(idle - quiet).await;
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Touching<S> {
+        #[pin]
+        inner: S,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Touching<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Touching<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
 /// Send `first` (PROXY header + peeked bytes) to the backend, then join the
 /// two streams until both directions have ended, an error, `idle` without
 /// traffic, or `shutdown` resolves.
@@ -226,15 +301,7 @@ where
         total: 0,
         activity: activity.clone(),
     };
-    let watchdog = async {
-        loop {
-            let quiet = activity.idle_for();
-            if quiet >= idle {
-                return;
-            }
-            tokio::time::sleep(idle - quiet).await;
-        }
-    };
+    let watchdog = idle_watchdog(&activity, idle);
     let cause = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut b, COPY_BUF, COPY_BUF) => match r {
             Ok(_) => CloseCause::Done,

@@ -1,0 +1,447 @@
+//! Body wrappers: bytes pass through untouched, frame by frame, while these
+//! count them, enforce `max_body`, time the first byte, count SSE events and
+//! write the access log line when the response ends.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::metrics::{self as m, GaugeGuard};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body was larger than the site's `max_body`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes")]
+pub struct TooLarge(pub u64);
+
+/// Shared between the request body (which counts) and the exchange record.
+#[derive(Debug, Default)]
+pub struct RequestProgress {
+    pub bytes: AtomicU64,
+    pub too_large: AtomicBool,
+}
+
+/// The client's request body on its way upstream.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    limit: Option<u64>,
+    progress: Arc<RequestProgress>,
+    counter: metrics::Counter,
+}
+
+impl RequestBody {
+    pub fn new(
+        inner: Incoming,
+        limit: Option<u64>,
+        progress: Arc<RequestProgress>,
+        counter: metrics::Counter,
+    ) -> Self {
+        RequestBody {
+            inner: Some(inner),
+            limit,
+            progress,
+            counter,
+        }
+    }
+
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            limit: None,
+            progress: Arc::default(),
+            counter: metrics::Counter::noop(),
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    let total = this.progress.bytes.fetch_add(n, Ordering::Relaxed) + n;
+                    this.counter.increment(n);
+                    if let Some(limit) = this.limit {
+                        if total > limit {
+                            this.progress.too_large.store(true, Ordering::Relaxed);
+                            this.inner = None;
+                            return Poll::Ready(Some(Err(Box::new(TooLarge(limit)))));
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+/// Counts SSE events by finding blank lines (`\n\n`, `\r\n\r\n`, `\r\r`) as
+/// bytes pass, carrying state across chunks, without copying them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseCounter {
+    state: SseState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SseState {
+    /// Inside a line that has content.
+    InLine,
+    /// Just after a line end; `cr` when that end was a CR (an LF may follow).
+    LineStart { cr: bool },
+    /// After a blank line (or at the start): more blank lines are no event.
+    Blank { cr: bool },
+}
+
+impl Default for SseCounter {
+    fn default() -> Self {
+        SseCounter {
+            state: SseState::Blank { cr: false },
+        }
+    }
+}
+
+impl SseCounter {
+    /// Feed the next bytes; returns how many events ended inside them.
+    pub fn feed(&mut self, bytes: &[u8]) -> u64 {
+        let mut events = 0;
+        let mut st = self.state;
+        for &b in bytes {
+            st = match (st, b) {
+                (SseState::LineStart { cr: true }, b'\n') => SseState::LineStart { cr: false },
+                (SseState::Blank { cr: true }, b'\n') => SseState::Blank { cr: false },
+                (SseState::LineStart { .. }, b'\r') => {
+                    events += 1;
+                    SseState::Blank { cr: true }
+                }
+                (SseState::LineStart { .. }, b'\n') => {
+                    events += 1;
+                    SseState::Blank { cr: false }
+                }
+                (SseState::Blank { .. }, b'\r') => SseState::Blank { cr: true },
+                (SseState::Blank { .. }, b'\n') => SseState::Blank { cr: false },
+                (SseState::InLine, b'\r') => SseState::LineStart { cr: true },
+                (SseState::InLine, b'\n') => SseState::LineStart { cr: false },
+                _ => SseState::InLine,
+            };
+        }
+        self.state = st;
+        events
+    }
+}
+
+/// Kinds of HTTP streams, for `portico_http_streams_active` and durations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Http,
+    Sse,
+    WebSocket,
+}
+
+impl StreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Http => "http",
+            StreamKind::Sse => "sse",
+            StreamKind::WebSocket => "websocket",
+        }
+    }
+}
+
+/// Everything known about one request/response, logged once when the
+/// response ends (completed, aborted by the client, or failed).
+pub struct Exchange {
+    pub site: Arc<str>,
+    pub location: Arc<str>,
+    pub method: &'static str,
+    pub path: String,
+    pub status: u16,
+    pub protocol: &'static str,
+    pub client: std::net::IpAddr,
+    pub started: Instant,
+    pub first_byte: Option<Instant>,
+    pub request: Arc<RequestProgress>,
+    pub response_bytes: u64,
+    pub kind: StreamKind,
+    pub error: Option<String>,
+    _active: Option<GaugeGuard>,
+}
+
+impl Exchange {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        site: Arc<str>,
+        location: Arc<str>,
+        method: &'static str,
+        path: String,
+        protocol: &'static str,
+        client: std::net::IpAddr,
+        started: Instant,
+        request: Arc<RequestProgress>,
+    ) -> Exchange {
+        Exchange {
+            site,
+            location,
+            method,
+            path,
+            status: 0,
+            protocol,
+            client,
+            started,
+            first_byte: None,
+            request,
+            response_bytes: 0,
+            kind: StreamKind::Http,
+            error: None,
+            _active: None,
+        }
+    }
+
+    /// The response head is known: count the request, open the stream gauge.
+    pub fn respond(&mut self, status: u16, kind: StreamKind) {
+        self.status = status;
+        self.kind = kind;
+        metrics::counter!(m::HTTP_REQUESTS,
+            "site" => self.site.to_string(), "location" => self.location.to_string(),
+            "method" => self.method, "status" => status.to_string(), "protocol" => self.protocol)
+        .increment(1);
+        self._active = Some(GaugeGuard::new(metrics::gauge!(m::HTTP_STREAMS_ACTIVE,
+            "site" => self.site.to_string(), "location" => self.location.to_string(), "kind" => kind.as_str())));
+    }
+
+    fn mark_first_byte(&mut self) {
+        if self.first_byte.is_none() {
+            let now = Instant::now();
+            self.first_byte = Some(now);
+            metrics::histogram!(m::HTTP_FIRST_BYTE, "site" => self.site.to_string(), "location" => self.location.to_string())
+                .record(now.duration_since(self.started).as_secs_f64());
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        if self._active.is_some() {
+            metrics::histogram!(m::HTTP_STREAM_DURATION,
+                "site" => self.site.to_string(), "location" => self.location.to_string(), "kind" => self.kind.as_str())
+            .record(elapsed.as_secs_f64());
+        }
+        let first_byte_ms = self
+            .first_byte
+            .map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0);
+        tracing::info!(
+            target: "portico::access",
+            kind = "http",
+            site = %self.site,
+            location = %self.location,
+            method = self.method,
+            path = %self.path,
+            status = self.status,
+            protocol = self.protocol,
+            stream = self.kind.as_str(),
+            bytes_in = self.request.bytes.load(Ordering::Relaxed),
+            bytes_out = self.response_bytes,
+            first_byte_ms = first_byte_ms.map(|v| (v * 10.0).round() / 10.0),
+            duration_ms = (elapsed.as_secs_f64() * 10_000.0).round() / 10.0,
+            client = %self.client,
+            error = self.error.as_deref(),
+            "request"
+        );
+    }
+}
+
+enum Source {
+    Empty,
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+/// A response body towards the client.
+pub struct ResponseBody {
+    source: Source,
+    exchange: Option<Box<Exchange>>,
+    sse: Option<SseCounter>,
+    counters: Option<Box<ResponseCounters>>,
+}
+
+struct ResponseCounters {
+    bytes: metrics::Counter,
+    events: metrics::Counter,
+}
+
+impl ResponseBody {
+    pub fn empty() -> Self {
+        ResponseBody {
+            source: Source::Empty,
+            exchange: None,
+            sse: None,
+            counters: None,
+        }
+    }
+
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        ResponseBody {
+            source: Source::Full(Some(b.into())),
+            exchange: None,
+            sse: None,
+            counters: None,
+        }
+    }
+
+    pub fn upstream(b: Incoming) -> Self {
+        ResponseBody {
+            source: Source::Upstream(b),
+            exchange: None,
+            sse: None,
+            counters: None,
+        }
+    }
+
+    /// Attach the exchange: from now on bytes are counted and the access log
+    /// line is written when this body is dropped.
+    pub fn with_exchange(mut self, ex: Exchange) -> Self {
+        let labels = [
+            ("site", ex.site.to_string()),
+            ("location", ex.location.to_string()),
+        ];
+        if ex.kind == StreamKind::Sse {
+            self.sse = Some(SseCounter::default());
+        }
+        self.counters = Some(Box::new(ResponseCounters {
+            bytes: metrics::counter!(m::HTTP_BODY_BYTES, "site" => labels[0].1.clone(), "location" => labels[1].1.clone(), "direction" => "response"),
+            events: if ex.kind == StreamKind::Sse {
+                metrics::counter!(m::SSE_EVENTS, "site" => labels[0].1.clone(), "location" => labels[1].1.clone())
+            } else {
+                metrics::Counter::noop()
+            },
+        }));
+        self.exchange = Some(Box::new(ex));
+        self
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.source {
+            Source::Empty => Poll::Ready(None),
+            Source::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Source::Upstream(inc) => match Pin::new(inc).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(ex) = this.exchange.as_mut() {
+                        ex.error = Some(format!("upstream body: {e}"));
+                    }
+                    Poll::Ready(Some(Err(Box::new(e) as BoxError)))
+                }
+                other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+            },
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                if !data.is_empty() {
+                    if let Some(ex) = this.exchange.as_mut() {
+                        ex.mark_first_byte();
+                        ex.response_bytes += data.len() as u64;
+                    }
+                    if let Some(c) = this.counters.as_ref() {
+                        c.bytes.increment(data.len() as u64);
+                        if let Some(sse) = this.sse.as_mut() {
+                            let n = sse.feed(data);
+                            if n > 0 {
+                                c.events.increment(n);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.source {
+            Source::Empty => true,
+            Source::Full(b) => b.is_none(),
+            Source::Upstream(i) => i.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            Source::Empty => SizeHint::with_exact(0),
+            Source::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Source::Upstream(i) => i.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count_split_everywhere(stream: &[u8]) -> u64 {
+        let whole = SseCounter::default().feed(stream);
+        for cut in 0..=stream.len() {
+            let mut c = SseCounter::default();
+            let n = c.feed(&stream[..cut]) + c.feed(&stream[cut..]);
+            assert_eq!(n, whole, "split at {cut}");
+        }
+        whole
+    }
+
+    #[test]
+    fn sse_boundaries_lf_crlf_cr() {
+        assert_eq!(count_split_everywhere(b"data: a\n\ndata: b\n\n"), 2);
+        assert_eq!(count_split_everywhere(b"data: a\r\n\r\ndata: b\r\n\r\n"), 2);
+        assert_eq!(count_split_everywhere(b"data: a\r\rdata: b\r\r"), 2);
+        assert_eq!(count_split_everywhere(b"event: x\ndata: 1\ndata: 2\n\n"), 1);
+        assert_eq!(count_split_everywhere(b"data: a\n\n\n\n\ndata: b\n"), 1);
+        assert_eq!(count_split_everywhere(b"\n\n\r\n"), 0);
+        assert_eq!(count_split_everywhere(b"data: a\r\n"), 0);
+    }
+
+    #[test]
+    fn sse_byte_by_byte() {
+        let s = b"id: 1\r\ndata: {\"x\":1}\r\n\r\n: keepalive\n\ndata: [DONE]\n\n";
+        let mut c = SseCounter::default();
+        let n: u64 = s.iter().map(|b| c.feed(std::slice::from_ref(b))).sum();
+        assert_eq!(n, 3);
+    }
+}

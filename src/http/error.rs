@@ -1,0 +1,191 @@
+//! Proxy errors and the one place where they become HTTP statuses.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::{RequestProgress, ResponseBody};
+use super::upstream::ConnectFailure;
+
+/// Everything that can stop a request, with whose fault it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    // Client's fault.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("host {0:?} is not served on this connection")]
+    MisdirectedHost(String),
+    #[error("no location matches {0}")]
+    NoLocation(String),
+    #[error("request body larger than the site's max_body ({0} bytes)")]
+    BodyTooLarge(u64),
+    #[error("WebSocket is disabled for this location; use plain HTTP")]
+    WebSocketDisabled,
+    // Upstream's fault.
+    #[error("upstream {upstream} refused the connection: {detail}")]
+    UpstreamRefused { upstream: String, detail: String },
+    #[error("upstream {upstream} did not accept the connection in time: {detail}")]
+    UpstreamTimeout { upstream: String, detail: String },
+    #[error("upstream {upstream} closed the connection: {detail}")]
+    UpstreamReset { upstream: String, detail: String },
+    #[error("upstream {upstream} sent an invalid response: {detail}")]
+    UpstreamProtocol { upstream: String, detail: String },
+    // Ours.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::NoLocation(_) => StatusCode::NOT_FOUND,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            // Codex and similar clients fall back to plain HTTP at once on
+            // 426; 403/405 make them retry the WebSocket for seconds first.
+            ProxyError::WebSocketDisabled => StatusCode::UPGRADE_REQUIRED,
+            ProxyError::UpstreamRefused { .. }
+            | ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// `reason` label of `portico_upstream_failures_total`, for upstream faults.
+    pub fn upstream_reason(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::UpstreamRefused { .. } => Some("refused"),
+            ProxyError::UpstreamTimeout { .. } => Some("timeout"),
+            ProxyError::UpstreamReset { .. } => Some("reset"),
+            ProxyError::UpstreamProtocol { .. } => Some("protocol"),
+            _ => None,
+        }
+    }
+
+    /// A plain one-line response naming the cause.
+    pub fn response(&self) -> Response<ResponseBody> {
+        let mut r = Response::new(ResponseBody::full(Bytes::from(format!("{self}\n"))));
+        *r.status_mut() = self.status();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if matches!(self, ProxyError::WebSocketDisabled) {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
+
+    /// A failed connect outside the pool.
+    pub fn from_connect(upstream: &str, cf: ConnectFailure) -> ProxyError {
+        let upstream = upstream.to_string();
+        match cf {
+            ConnectFailure::Timeout { .. } => ProxyError::UpstreamTimeout {
+                upstream,
+                detail: cf.to_string(),
+            },
+            ConnectFailure::Io { .. } => ProxyError::UpstreamRefused {
+                upstream,
+                detail: cf.to_string(),
+            },
+        }
+    }
+
+    /// Classify a client error from the upstream pool.
+    pub fn from_client(
+        upstream: &str,
+        e: hyper_util::client::legacy::Error,
+        progress: &RequestProgress,
+    ) -> ProxyError {
+        if super::proxy::body_cut(progress) {
+            if let Some(limit) = find::<super::body::TooLarge>(&e) {
+                return ProxyError::BodyTooLarge(limit.0);
+            }
+        }
+        if let Some(cf) = find::<ConnectFailure>(&e) {
+            let upstream = upstream.to_string();
+            let detail = cf.to_string();
+            return match cf {
+                ConnectFailure::Timeout { .. } => ProxyError::UpstreamTimeout { upstream, detail },
+                ConnectFailure::Io { .. } => ProxyError::UpstreamRefused { upstream, detail },
+            };
+        }
+        let detail = chain(&e);
+        let upstream = upstream.to_string();
+        match find::<hyper::Error>(&e) {
+            Some(h) if h.is_parse() || h.is_parse_status() => {
+                ProxyError::UpstreamProtocol { upstream, detail }
+            }
+            _ => ProxyError::UpstreamReset { upstream, detail },
+        }
+    }
+}
+
+fn find<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = c.source();
+    }
+    None
+}
+
+/// The innermost useful message, e.g. "connection reset by peer".
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = c.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        assert_eq!(ProxyError::NoLocation("/x".into()).status(), 404);
+        assert_eq!(ProxyError::BodyTooLarge(1).status(), 413);
+        assert_eq!(ProxyError::MisdirectedHost("a".into()).status(), 421);
+        assert_eq!(ProxyError::WebSocketDisabled.status(), 426);
+        let u = || "u".to_string();
+        assert_eq!(
+            ProxyError::UpstreamRefused {
+                upstream: u(),
+                detail: u()
+            }
+            .status(),
+            502
+        );
+        assert_eq!(
+            ProxyError::UpstreamTimeout {
+                upstream: u(),
+                detail: u()
+            }
+            .status(),
+            504
+        );
+    }
+
+    #[test]
+    fn body_is_one_line() {
+        let e = ProxyError::UpstreamRefused {
+            upstream: "cpa".into(),
+            detail: "connect to 127.0.0.1:1: Connection refused".into(),
+        };
+        assert_eq!(e.to_string().lines().count(), 1);
+        assert!(e.to_string().contains("cpa"));
+    }
+}

@@ -1,0 +1,218 @@
+//! Which headers cross the proxy, and the ones portico adds. Pure functions.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// RFC 9110 §7.6.1 hop-by-hop headers, plus the non-standard ones proxies
+/// and old clients still send. They describe one connection, not the message.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Names listed in `Connection` headers: hop-by-hop for this message only.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// Remove hop-by-hop headers (the fixed set and those named in `Connection`).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    for name in listed {
+        headers.remove(&name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// What the upstream should learn about the client and the original request.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded<'a> {
+    pub client: IpAddr,
+    /// Host as the client sent it (Host or `:authority`), port included.
+    pub host: &'a str,
+}
+
+/// Turn a client request's headers into the upstream request's, in place.
+/// `Host` is set from `fwd.host` (so `:authority` becomes `Host` for an
+/// HTTP/1.1 upstream); client-sent `X-Real-IP`, `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` are replaced; `X-Forwarded-For` and `Forwarded` are
+/// appended to, so only their last element is vouched for by portico.
+pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
+    strip_hop_by_hop(headers);
+    let client = crate::config::canonical_ip(fwd.client);
+    let ip = client.to_string();
+    if let Ok(v) = HeaderValue::from_str(fwd.host) {
+        headers.insert(header::HOST, v.clone());
+        headers.insert(X_FORWARDED_HOST.clone(), v);
+    }
+    // An IP address always forms a valid header value.
+    let ip_value = HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown"));
+    headers.insert(X_REAL_IP.clone(), ip_value.clone());
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+
+    let prior: Vec<String> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect();
+    let xff = if prior.is_empty() {
+        ip_value
+    } else {
+        HeaderValue::from_str(&format!("{}, {ip}", prior.join(", "))).unwrap_or(ip_value)
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
+
+    // RFC 7239: IPv6 nodes are quoted and bracketed.
+    let node = match client {
+        IpAddr::V4(_) => ip.clone(),
+        IpAddr::V6(_) => format!("\"[{ip}]\""),
+    };
+    let host_param = if fwd
+        .host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+    {
+        fwd.host.to_string()
+    } else {
+        format!("\"{}\"", fwd.host.replace('"', ""))
+    };
+    let element = format!("for={node};host={host_param};proto=https");
+    let prior: Vec<String> = headers
+        .get_all(header::FORWARDED)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect();
+    let forwarded = if prior.is_empty() {
+        element
+    } else {
+        format!("{}, {element}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// Host without port, lower-cased, for matching against site names.
+pub fn host_name(authority: &str) -> String {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                authority
+            }
+        })
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let mut m = h(&[
+            ("host", "ignored.example"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-proto", "http"),
+            ("session_id", "abc"),
+            ("connection", "keep-alive, x-drop-me"),
+            ("x-drop-me", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("authorization", "Bearer k"),
+        ]);
+        to_upstream(
+            &mut m,
+            &Forwarded {
+                client: "203.0.113.5".parse().unwrap(),
+                host: "api.example.com",
+            },
+        );
+        assert_eq!(m["host"], "api.example.com");
+        assert_eq!(m["x-forwarded-host"], "api.example.com");
+        assert_eq!(m["x-real-ip"], "203.0.113.5");
+        assert_eq!(m["x-forwarded-for"], "10.0.0.1, 203.0.113.5");
+        assert_eq!(m["x-forwarded-proto"], "https");
+        assert_eq!(
+            m["forwarded"],
+            "for=203.0.113.5;host=api.example.com;proto=https"
+        );
+        assert_eq!(m["session_id"], "abc");
+        assert_eq!(m["authorization"], "Bearer k");
+        for gone in ["connection", "x-drop-me", "keep-alive", "te"] {
+            assert!(m.get(gone).is_none(), "{gone} should be stripped");
+        }
+    }
+
+    #[test]
+    fn ipv6_and_mapped_clients() {
+        let mut m = HeaderMap::new();
+        to_upstream(
+            &mut m,
+            &Forwarded {
+                client: "2001:db8::7".parse().unwrap(),
+                host: "a.example:8443",
+            },
+        );
+        assert_eq!(
+            m["forwarded"],
+            "for=\"[2001:db8::7]\";host=\"a.example:8443\";proto=https"
+        );
+        let mut m = HeaderMap::new();
+        to_upstream(
+            &mut m,
+            &Forwarded {
+                client: "::ffff:192.0.2.1".parse().unwrap(),
+                host: "a",
+            },
+        );
+        assert_eq!(m["x-real-ip"], "192.0.2.1");
+    }
+
+    #[test]
+    fn host_names() {
+        assert_eq!(host_name("API.Example.com:443"), "api.example.com");
+        assert_eq!(host_name("api.example.com."), "api.example.com");
+        assert_eq!(host_name("[::1]:8443"), "::1");
+        assert_eq!(host_name("localhost"), "localhost");
+    }
+}

@@ -1,0 +1,100 @@
+//! The HTTP half: one hyper connection (HTTP/1.1 or h2) per terminated TLS
+//! stream, the location router, the upstream pools and the streaming proxy.
+
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod proxy;
+pub mod router;
+pub mod upstream;
+pub mod websocket;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Limits, Timeouts};
+use proxy::{ConnContext, SiteRuntime};
+
+/// h2 receive windows: 1 MiB per stream lets one upload run at full speed on
+/// a 10 ms path; 4 MiB per connection bounds what one client can make us hold.
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+const H2_CONN_WINDOW: u32 = 4 << 20;
+
+/// How the connection should be spoken, when ALPN already said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Negotiated {
+    H2,
+    Http1,
+    /// No ALPN: detect from the first bytes (h2 prior knowledge or HTTP/1.x).
+    Unknown,
+}
+
+/// Everything `serve` needs besides the stream.
+pub struct ServeOptions {
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub negotiated: Negotiated,
+    /// Begin a graceful close (GOAWAY / close after the current response).
+    pub shutdown: CancellationToken,
+    /// Drop the connection now.
+    pub hard_stop: CancellationToken,
+}
+
+/// Serve HTTP on one (decrypted) connection until it ends.
+pub async fn serve<I>(io: I, site: Arc<SiteRuntime>, ctx: Arc<ConnContext>, opts: ServeOptions)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(opts.timeouts.request_header)
+        .max_buf_size(opts.limits.max_header_size.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(opts.limits.max_h2_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        .max_header_list_size(opts.limits.max_header_size as u32)
+        // Rapid reset (CVE-2023-44487): cap streams a client may open and
+        // cancel before we close the connection.
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256))
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(std::time::Duration::from_secs(20));
+    let builder = match opts.negotiated {
+        Negotiated::H2 => builder.http2_only(),
+        Negotiated::Http1 => builder.http1_only(),
+        Negotiated::Unknown => builder,
+    };
+    let svc = service_fn(move |req| {
+        let site = site.clone();
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(req, site, ctx).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = opts.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = opts.hard_stop.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}

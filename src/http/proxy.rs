@@ -1,0 +1,430 @@
+//! The request handler of terminated sites: Host check, location, CORS,
+//! direct responses, and the streaming proxy to upstreams.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+
+use super::body::{Exchange, RequestBody, RequestProgress, ResponseBody, StreamKind};
+use super::error::ProxyError;
+use super::headers::{self, Forwarded};
+use super::router::Router;
+use super::upstream::UpstreamClient;
+use super::websocket;
+use crate::config::{Cors, MatchKind, Site, Target};
+use crate::metrics as m;
+
+/// A location ready to serve.
+pub struct LocationRuntime {
+    pub name: Arc<str>,
+    pub target: Target,
+    pub client: Option<Arc<UpstreamClient>>,
+    pub websocket: bool,
+}
+
+/// A site ready to serve: compiled router, headers, upstream clients.
+pub struct SiteRuntime {
+    pub name: Arc<str>,
+    pub config: Arc<Site>,
+    pub router: Router,
+    pub locations: Vec<LocationRuntime>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub idle: std::time::Duration,
+}
+
+impl SiteRuntime {
+    pub fn new(
+        site: Arc<Site>,
+        clients: &BTreeMap<String, Arc<UpstreamClient>>,
+        idle: std::time::Duration,
+    ) -> SiteRuntime {
+        let router = Router::new(
+            site.locations
+                .iter()
+                .map(|l| (l.path.as_str(), l.match_kind == MatchKind::Exact)),
+        );
+        let locations = site
+            .locations
+            .iter()
+            .map(|l| LocationRuntime {
+                name: Arc::from(l.name.as_str()),
+                target: l.target.clone(),
+                client: match &l.target {
+                    Target::Upstream(u) => clients.get(&u.name).cloned(),
+                    Target::Respond { .. } => None,
+                },
+                websocket: l.websocket,
+            })
+            .collect();
+        // Validated at config load; anything unparsable was rejected there.
+        let headers = site
+            .headers
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    HeaderName::from_bytes(k.as_bytes()).ok()?,
+                    HeaderValue::from_str(v).ok()?,
+                ))
+            })
+            .collect();
+        SiteRuntime {
+            name: Arc::from(site.name.as_str()),
+            config: site,
+            router,
+            locations,
+            headers,
+            idle,
+        }
+    }
+
+    fn admits_host(&self, host: &str) -> bool {
+        self.config.any_name || self.config.names.iter().any(|p| p.matches(host))
+    }
+}
+
+/// Per-connection facts the handler needs.
+pub struct ConnContext {
+    pub client: IpAddr,
+}
+
+/// Method label from a fixed set, so clients cannot add series.
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// Serve one request. Never fails: every problem becomes a response.
+pub async fn handle(
+    req: Request<Incoming>,
+    site: Arc<SiteRuntime>,
+    conn: Arc<ConnContext>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let method = method_label(req.method());
+    let path = req.uri().path().to_string();
+    let progress = Arc::new(RequestProgress::default());
+    let protocol = if req.version() == Version::HTTP_2 {
+        "h2"
+    } else {
+        "http1"
+    };
+
+    let authority = match req.uri().authority() {
+        Some(a) => Some(a.as_str().to_string()),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string),
+    };
+    let unmatched = |loc: &str, err: ProxyError| {
+        let mut ex = Exchange::new(
+            site.name.clone(),
+            Arc::from(loc),
+            method,
+            path.clone(),
+            protocol,
+            conn.client,
+            started,
+            progress.clone(),
+        );
+        let resp = err.response();
+        ex.error = Some(err.to_string());
+        ex.respond(resp.status().as_u16(), StreamKind::Http);
+        finish(resp, ex, &site)
+    };
+    let Some(authority) = authority else {
+        return unmatched("none", ProxyError::BadRequest("missing Host header"));
+    };
+    let host = headers::host_name(&authority);
+    if !site.admits_host(&host) {
+        return unmatched("none", ProxyError::MisdirectedHost(host));
+    }
+    let Some(idx) = site.router.find(&path) else {
+        return unmatched("none", ProxyError::NoLocation(path.clone()));
+    };
+    let loc = &site.locations[idx];
+    let mut ex = Exchange::new(
+        site.name.clone(),
+        loc.name.clone(),
+        method,
+        path.clone(),
+        protocol,
+        conn.client,
+        started,
+        progress.clone(),
+    );
+
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let cors = site.config.cors.as_ref();
+    if let (Some(cors), Some(origin)) = (cors, origin.as_ref()) {
+        if req.method() == Method::OPTIONS
+            && req
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        {
+            let mut resp = Response::new(ResponseBody::empty());
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            if cors_allows(cors, origin) {
+                add_preflight_headers(&mut resp, cors, origin);
+            }
+            ex.respond(204, StreamKind::Http);
+            return finish(resp, ex, &site);
+        }
+    }
+
+    let mut resp = match &loc.target {
+        Target::Respond {
+            status,
+            body,
+            content_type,
+        } => {
+            let mut r = Response::new(ResponseBody::full(Bytes::from(body.clone())));
+            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            if let Ok(v) = HeaderValue::from_str(content_type) {
+                r.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            ex.respond(r.status().as_u16(), StreamKind::Http);
+            r
+        }
+        Target::Upstream(_) => {
+            let Some(client) = loc.client.clone() else {
+                return unmatched("none", ProxyError::Internal("upstream client missing"));
+            };
+            if websocket::is_upgrade(&req) {
+                if !loc.websocket {
+                    let err = ProxyError::WebSocketDisabled;
+                    let r = err.response();
+                    ex.error = Some(err.to_string());
+                    ex.respond(r.status().as_u16(), StreamKind::Http);
+                    return finish(r, ex, &site);
+                }
+                return websocket::proxy(req, client, &authority, conn.client, ex, &site).await;
+            } else {
+                match forward(
+                    req,
+                    &client,
+                    &site.config,
+                    &loc.name,
+                    &authority,
+                    conn.client,
+                    progress,
+                )
+                .await
+                {
+                    Ok(r) => {
+                        let kind = if is_event_stream(r.headers()) {
+                            StreamKind::Sse
+                        } else {
+                            StreamKind::Http
+                        };
+                        ex.respond(r.status().as_u16(), kind);
+                        r.map(ResponseBody::upstream)
+                    }
+                    Err(err) => {
+                        if let Some(reason) = err.upstream_reason() {
+                            metrics::counter!(m::UPSTREAM_FAILURES, "upstream" => client.config.name.clone(), "reason" => reason)
+                                .increment(1);
+                        }
+                        tracing::warn!(site = %site.name, location = %loc.name, upstream = %client.config.name, error = %err, "upstream request failed");
+                        let r = err.response();
+                        ex.error = Some(err.to_string());
+                        ex.respond(r.status().as_u16(), StreamKind::Http);
+                        r
+                    }
+                }
+            }
+        }
+    };
+    if let (Some(cors), Some(origin)) = (cors, origin.as_ref()) {
+        if cors_allows(cors, origin) {
+            add_cors_headers(&mut resp, cors, origin);
+        }
+    }
+    finish(resp, ex, &site)
+}
+
+/// Site headers, then attach the exchange (metrics + access log) to the body.
+pub(super) fn finish(
+    mut resp: Response<ResponseBody>,
+    ex: Exchange,
+    site: &SiteRuntime,
+) -> Response<ResponseBody> {
+    for (k, v) in &site.headers {
+        resp.headers_mut().insert(k.clone(), v.clone());
+    }
+    resp.map(|b| b.with_exchange(ex))
+}
+
+fn is_event_stream(h: &http::HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        })
+}
+
+fn cors_allows(cors: &Cors, origin: &HeaderValue) -> bool {
+    let Ok(o) = origin.to_str() else { return false };
+    cors.origins
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(o))
+}
+
+fn add_cors_headers<B>(resp: &mut Response<B>, cors: &Cors, origin: &HeaderValue) {
+    let h = resp.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
+    if cors.credentials {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+}
+
+fn add_preflight_headers<B>(resp: &mut Response<B>, cors: &Cors, origin: &HeaderValue) {
+    add_cors_headers(resp, cors, origin);
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&cors.methods.join(", ")) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&cors.headers.join(", ")) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
+    }
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from(cors.max_age.as_secs()),
+    );
+}
+
+/// Idempotent methods may be replayed when nothing of the body was sent.
+fn replayable(req: &Request<Incoming>) -> bool {
+    use http_body::Body as _;
+    matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::PUT
+    ) && req.body().is_end_stream()
+}
+
+/// Proxy a (non-upgrade) request and return the upstream's response head
+/// with its body still streaming.
+async fn forward(
+    req: Request<Incoming>,
+    client: &UpstreamClient,
+    site: &Site,
+    location: &str,
+    authority: &str,
+    client_ip: IpAddr,
+    progress: Arc<RequestProgress>,
+) -> Result<Response<Incoming>, ProxyError> {
+    if let Some(limit) = site.max_body {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ProxyError::BodyTooLarge(limit));
+        }
+    }
+    let replay = replayable(&req);
+    let (parts, body) = req.into_parts();
+    let h2c = client.config.protocol == crate::config::UpstreamProtocol::H2c;
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // The pool is keyed by the URI's authority; the connector ignores it and
+    // dials the upstream's address. For h2c the authority becomes `:authority`.
+    let uri_authority = if h2c {
+        authority
+    } else {
+        client.config.authority.as_str()
+    };
+    let uri: Uri = format!("http://{uri_authority}{path}")
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    let mut headers = parts.headers;
+    headers::to_upstream(
+        &mut headers,
+        &Forwarded {
+            client: client_ip,
+            host: authority,
+        },
+    );
+    if h2c {
+        headers.remove(header::HOST);
+    }
+    let counter = metrics::counter!(m::HTTP_BODY_BYTES, "site" => site.name.clone(), "location" => location.to_string(), "direction" => "request");
+    let build = |body: RequestBody| {
+        let mut r = Request::new(body);
+        *r.method_mut() = parts.method.clone();
+        *r.uri_mut() = uri.clone();
+        *r.version_mut() = if h2c {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        *r.headers_mut() = headers.clone();
+        r
+    };
+    let first = build(RequestBody::new(
+        body,
+        site.max_body,
+        progress.clone(),
+        counter,
+    ));
+    match client.send(first).await {
+        Ok(mut resp) => {
+            headers::strip_hop_by_hop(resp.headers_mut());
+            Ok(resp)
+        }
+        Err(e) if replay && is_stale_connection(&e) => {
+            tracing::debug!(error = %e, "pooled connection closed under us; retrying once");
+            let mut resp = client
+                .send(build(RequestBody::empty()))
+                .await
+                .map_err(|e| ProxyError::from_client(&client.config.name, e, &progress))?;
+            headers::strip_hop_by_hop(resp.headers_mut());
+            Ok(resp)
+        }
+        Err(e) => Err(ProxyError::from_client(&client.config.name, e, &progress)),
+    }
+}
+
+/// A reused connection the upstream had closed: the request never got an answer.
+fn is_stale_connection(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message() || h.is_canceled() || h.is_closed();
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// True when the progress flag says the body limit cut the request.
+pub fn body_cut(progress: &RequestProgress) -> bool {
+    progress.too_large.load(Ordering::Relaxed)
+}

@@ -1,0 +1,413 @@
+//! WebSocket through portico: HTTP/1.1 Upgrade, and h2 extended CONNECT
+//! (RFC 8441) bridged to an HTTP/1.1 Upgrade towards the upstream. After the
+//! handshake both sides are joined byte for byte; messages are counted by
+//! following frame headers in the copy loop, never by decoding payloads.
+
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use base64::Engine as _;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::body::{Exchange, ResponseBody, StreamKind};
+use super::error::ProxyError;
+use super::headers::{self, Forwarded};
+use super::proxy::{finish, SiteRuntime};
+use super::upstream::UpstreamClient;
+use crate::metrics as m;
+
+/// Is this a WebSocket (or other) upgrade request, in either protocol?
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    if req.version() == Version::HTTP_2 {
+        return req.method() == Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_some();
+    }
+    let conn_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    conn_upgrade && req.headers().contains_key(header::UPGRADE)
+}
+
+/// A fresh `Sec-WebSocket-Key` for bridged h2 requests (a nonce; RFC 6455 §4.1).
+fn new_key() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut bytes = [0u8; 16];
+    for chunk in bytes.chunks_mut(8) {
+        // RandomState is seeded from the OS per instance.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(
+            std::time::SystemTime::now()
+                .elapsed()
+                .map_or(0, |d| d.as_nanos() as u64),
+        );
+        chunk.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Proxy an upgrade request; returns the response for the client.
+pub async fn proxy(
+    mut req: Request<Incoming>,
+    client: Arc<UpstreamClient>,
+    authority: &str,
+    client_ip: IpAddr,
+    mut ex: Exchange,
+    site: &SiteRuntime,
+) -> Response<ResponseBody> {
+    let h2 = req.version() == Version::HTTP_2;
+    let protocol_name = if h2 {
+        req.extensions()
+            .get::<hyper::ext::Protocol>()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "websocket".into())
+    } else {
+        req.headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("websocket")
+            .to_string()
+    };
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let fail = |ex: Exchange, err: ProxyError| {
+        if let Some(reason) = err.upstream_reason() {
+            metrics::counter!(m::UPSTREAM_FAILURES, "upstream" => client.config.name.clone(), "reason" => reason).increment(1);
+        }
+        tracing::warn!(upstream = %client.config.name, error = %err, "WebSocket upstream failed");
+        let mut ex = ex;
+        let r = err.response();
+        ex.error = Some(err.to_string());
+        ex.respond(r.status().as_u16(), StreamKind::Http);
+        finish(r, ex, site)
+    };
+
+    // A dedicated HTTP/1.1 connection: upgraded sockets never return to a pool.
+    let io = match client.connect_raw().await {
+        Ok(io) => io,
+        Err(e) => return fail(ex, ProxyError::from_connect(&client.config.name, e)),
+    };
+    let (mut sender, conn) =
+        match hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(io)
+            .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                return fail(
+                    ex,
+                    ProxyError::UpstreamReset {
+                        upstream: client.config.name.clone(),
+                        detail: e.to_string(),
+                    },
+                )
+            }
+        };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let mut headers = req.headers().clone();
+    headers::to_upstream(
+        &mut headers,
+        &Forwarded {
+            client: client_ip,
+            host: authority,
+        },
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&protocol_name) {
+        headers.insert(header::UPGRADE, v);
+    }
+    if h2 && !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+        if let Ok(v) = HeaderValue::from_str(&new_key()) {
+            headers.insert(header::SEC_WEBSOCKET_KEY, v);
+        }
+    }
+    if !headers.contains_key(header::SEC_WEBSOCKET_VERSION) {
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+    }
+    let mut up_req = Request::new(http_body_util::Empty::new());
+    *up_req.method_mut() = Method::GET;
+    *up_req.uri_mut() = match path.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return fail(
+                ex,
+                ProxyError::BadRequest("request target cannot be forwarded"),
+            )
+        }
+    };
+    *up_req.headers_mut() = headers;
+
+    let mut up_resp = match sender.send_request(up_req).await {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                ex,
+                ProxyError::UpstreamReset {
+                    upstream: client.config.name.clone(),
+                    detail: e.to_string(),
+                },
+            )
+        }
+    };
+    if up_resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // A refused upgrade is relayed as is, body included.
+        let mut resp = up_resp.map(ResponseBody::upstream);
+        headers::strip_hop_by_hop(resp.headers_mut());
+        ex.respond(resp.status().as_u16(), StreamKind::Http);
+        return finish(resp, ex, site);
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut up_resp);
+
+    let mut resp = Response::new(ResponseBody::empty());
+    let mut out_headers = up_resp.headers().clone();
+    if h2 {
+        // RFC 8441 §5: the h2 side gets 200; connection-specific headers and
+        // the HTTP/1.1 handshake's accept token have no meaning there.
+        headers::strip_hop_by_hop(&mut out_headers);
+        out_headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+        *resp.status_mut() = StatusCode::OK;
+    } else {
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    }
+    *resp.headers_mut() = out_headers;
+    for (k, v) in &site.headers {
+        resp.headers_mut().insert(k.clone(), v.clone());
+    }
+    ex.respond(101, StreamKind::WebSocket);
+    let idle = site.idle;
+    tokio::spawn(async move {
+        let (c, u) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            Ok(x) => x,
+            Err(e) => {
+                ex.error = Some(format!("upgrade: {e}"));
+                drop(ex);
+                return;
+            }
+        };
+        let labels = (ex.site.to_string(), ex.location.to_string());
+        let to_up = metrics::counter!(m::WEBSOCKET_MESSAGES, "site" => labels.0.clone(), "location" => labels.1.clone(), "direction" => "client_to_upstream");
+        let to_client = metrics::counter!(m::WEBSOCKET_MESSAGES, "site" => labels.0, "location" => labels.1, "direction" => "upstream_to_client");
+        let mut c = Framed::new(TokioIo::new(c), to_up);
+        let mut u = Framed::new(TokioIo::new(u), to_client);
+        let result = crate::tunnel::join_with_idle(&mut c, &mut u, idle).await;
+        ex.response_bytes = u.bytes;
+        if let Err(e) = result {
+            ex.error = Some(e);
+        }
+        // Dropping the exchange records the stream's duration and logs it.
+        drop(ex);
+    });
+    resp
+}
+
+/// Follows WebSocket frame headers in a byte stream to count messages,
+/// whatever the read boundaries (a header may be split across reads).
+#[derive(Debug, Default, Clone)]
+pub struct FrameTracker {
+    /// Header bytes collected so far (at most 14).
+    head: [u8; 14],
+    have: usize,
+    /// Payload bytes of the current frame still to skip.
+    skip: u64,
+    /// Completed data messages.
+    pub messages: u64,
+}
+
+impl FrameTracker {
+    fn header_len(&self) -> usize {
+        if self.have < 2 {
+            return 2;
+        }
+        let masked = self.head[1] & 0x80 != 0;
+        let ext = match self.head[1] & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        2 + ext + if masked { 4 } else { 0 }
+    }
+
+    /// Feed bytes; returns messages completed within them.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let before = self.messages;
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = (self.skip.min(bytes.len() as u64)) as usize;
+                self.skip -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let need = self.header_len();
+            let take = (need - self.have).min(bytes.len());
+            self.head[self.have..self.have + take].copy_from_slice(&bytes[..take]);
+            self.have += take;
+            bytes = &bytes[take..];
+            if self.have < 2 || self.have < self.header_len() {
+                continue;
+            }
+            let fin = self.head[0] & 0x80 != 0;
+            let opcode = self.head[0] & 0x0f;
+            let len = match self.head[1] & 0x7f {
+                126 => u16::from_be_bytes([self.head[2], self.head[3]]) as u64,
+                127 => u64::from_be_bytes([
+                    self.head[2],
+                    self.head[3],
+                    self.head[4],
+                    self.head[5],
+                    self.head[6],
+                    self.head[7],
+                    self.head[8],
+                    self.head[9],
+                ]),
+                n => n as u64,
+            };
+            // Control frames (close, ping, pong) are not messages; a data
+            // message ends with the frame that has FIN set.
+            if fin && opcode < 0x8 {
+                self.messages += 1;
+            }
+            self.skip = len;
+            self.have = 0;
+        }
+        self.messages - before
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Counts messages read from `inner` as they pass.
+    pub struct Framed<S> {
+        #[pin]
+        inner: S,
+        tracker: FrameTracker,
+        counter: metrics::Counter,
+        pub bytes: u64,
+    }
+}
+
+impl<S> Framed<S> {
+    pub fn new(inner: S, counter: metrics::Counter) -> Self {
+        Framed {
+            inner,
+            tracker: FrameTracker::default(),
+            counter,
+            bytes: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Framed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        let new = &buf.filled()[before..];
+        if !new.is_empty() {
+            *this.bytes += new.len() as u64;
+            let n = this.tracker.feed(new);
+            if n > 0 {
+                this.counter.increment(n);
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Framed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(fin: bool, opcode: u8, masked: bool, len: usize) -> Vec<u8> {
+        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let m = if masked { 0x80 } else { 0 };
+        if len < 126 {
+            f.push(m | len as u8);
+        } else if len <= 0xffff {
+            f.push(m | 126);
+            f.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            f.push(m | 127);
+            f.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        if masked {
+            f.extend_from_slice(&[1, 2, 3, 4]);
+        }
+        f.extend(std::iter::repeat_n(0x7e, len));
+        f
+    }
+
+    fn stream() -> (Vec<u8>, u64) {
+        let mut s = Vec::new();
+        s.extend(frame(true, 1, true, 5)); // text: 1
+        s.extend(frame(true, 9, true, 0)); // ping: 0
+        s.extend(frame(false, 2, true, 200)); // binary start
+        s.extend(frame(true, 10, true, 3)); // pong inside a fragmented message
+        s.extend(frame(false, 0, true, 70000)); // continuation, 64-bit length
+        s.extend(frame(true, 0, true, 1)); // final continuation: 2
+        s.extend(frame(true, 2, false, 126)); // unmasked binary, 16-bit length: 3
+        s.extend(frame(true, 8, false, 2)); // close: not a message
+        (s, 3)
+    }
+
+    #[test]
+    fn counts_messages_not_control_frames() {
+        let (s, want) = stream();
+        let mut t = FrameTracker::default();
+        assert_eq!(t.feed(&s), want);
+    }
+
+    #[test]
+    fn split_at_every_offset() {
+        let (s, want) = stream();
+        for cut in 0..=s.len() {
+            let mut t = FrameTracker::default();
+            assert_eq!(t.feed(&s[..cut]) + t.feed(&s[cut..]), want, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn byte_by_byte_headers() {
+        let (s, want) = stream();
+        let mut t = FrameTracker::default();
+        let n: u64 = s.chunks(1).map(|c| t.feed(c)).sum();
+        assert_eq!(n, want);
+    }
+}

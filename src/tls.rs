@@ -1,0 +1,111 @@
+//! Server TLS for terminated sites: certificates from PEM files or generated
+//! self-signed, one rustls config per site.
+//!
+//! The route already chose the site by SNI before the handshake starts, so
+//! each site's config carries just its own certificate: any number of sites
+//! and wildcard certificates share one port, with no wildcard certificate
+//! needed to cover them all.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::aws_lc_rs;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{CertSource, Site, SniPattern};
+
+/// Always answers with the site's one certificate chain.
+#[derive(Debug)]
+struct SiteCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for SiteCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Build the site's TLS config; the error says which file and what is wrong.
+pub fn server_config(site: &Site) -> Result<Arc<ServerConfig>, String> {
+    let key = match &site.cert {
+        CertSource::Files { cert, key } => load_pair(cert, key)?,
+        CertSource::SelfSigned => self_signed(&site.names)?,
+    };
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SiteCert(Arc::new(key))));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stateless resumption; rotation every 6 h is the ticketer's default.
+    cfg.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| format!("TLS ticketer: {e}"))?;
+    // One ticket is enough for a proxy client; each costs an encryption.
+    cfg.send_tls13_tickets = 1;
+    Ok(Arc::new(cfg))
+}
+
+fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| {
+            format!(
+                "cannot read certificate {}: {}",
+                cert.display(),
+                pem_error(&e)
+            )
+        })?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate {}: {}", cert.display(), pem_error(&e)))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "certificate {}: no PEM certificate in the file",
+            cert.display()
+        ));
+    }
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => format!(
+            "key {}: no private key (PKCS#8, RSA or EC PEM) in the file",
+            key.display()
+        ),
+        other => format!("cannot read key {}: {}", key.display(), pem_error(&other)),
+    })?;
+    let signing = aws_lc_rs::sign::any_supported_type(&der)
+        .map_err(|e| format!("key {}: unsupported private key: {e}", key.display()))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match().map_err(|_| {
+        format!(
+            "key {} does not belong to certificate {} (wrong file pair?)",
+            key.display(),
+            cert.display()
+        )
+    })?;
+    Ok(ck)
+}
+
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    match e {
+        rustls_pki_types::pem::Error::Io(io) => io.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A self-signed ECDSA P-256 certificate for the site's names
+/// (`localhost` when the site takes any name).
+fn self_signed(names: &[SniPattern]) -> Result<CertifiedKey, String> {
+    let mut sans: Vec<String> = names.iter().map(|p| p.to_string()).collect();
+    if sans.is_empty() {
+        sans.push("localhost".into());
+    }
+    let generated = rcgen::generate_simple_self_signed(sans)
+        .map_err(|e| format!("self-signed certificate: {e}"))?;
+    let key_der = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
+    let signing = aws_lc_rs::sign::any_supported_type(&key_der)
+        .map_err(|e| format!("self-signed key: {e}"))?;
+    Ok(CertifiedKey::new(
+        vec![generated.cert.der().clone()],
+        signing,
+    ))
+}

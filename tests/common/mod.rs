@@ -1,0 +1,726 @@
+//! Harness for the integration tests: runs the real `portico` binary on free
+//! loopback ports and provides the servers and clients around it (a rustls
+//! echo server that records what it saw, a raw TCP/Unix backend, a rustls
+//! client connector, a PROXY header reader and a /metrics scraper).
+//!
+//! Every wait in here is bounded; a test that hangs fails with a message.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::fs::File;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// How long the binary may take to bind its sockets.
+const STARTUP: Duration = Duration::from_secs(10);
+
+/// Run `f`, failing the test if it takes longer than `secs` seconds.
+pub async fn bounded<F: Future>(secs: u64, f: F) -> F::Output {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("test did not finish within {secs}s"),
+    }
+}
+
+/// A loopback address with a port nobody is listening on (bound, then released).
+pub fn free_addr() -> SocketAddr {
+    StdTcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Same on `[::1]`.
+pub fn free_addr_v6() -> SocketAddr {
+    StdTcpListener::bind("[::1]:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind [::1]:0")
+}
+
+/// A directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "portico-it-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        TempDir::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `portico` command with a clean environment: no inherited `PORTICO_*`
+/// overrides or `RUST_LOG`, so the config file alone decides.
+pub fn portico_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portico"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("PORTICO_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+/// A running `portico run -c FILE`, killed on drop.
+pub struct Portico {
+    child: Child,
+    pub dir: TempDir,
+    pub config_path: PathBuf,
+    pub stderr_path: PathBuf,
+    /// The admin listener (always configured by the harness).
+    pub metrics: SocketAddr,
+}
+
+impl Portico {
+    /// Write `config` (which must not have an `[admin]` table: one is added)
+    /// and start the binary; returns once `/readyz` answers 200, which the
+    /// server does only after every listener is bound. Readiness is probed on
+    /// the admin port so that no probe connection shows up on the listeners
+    /// or in their metrics.
+    pub async fn start(config: &str) -> Portico {
+        let dir = TempDir::new();
+        let metrics = free_addr();
+        let text = format!("{config}\n[admin]\nmetrics = \"{metrics}\"\n");
+        let config_path = dir.path().join("portico.toml");
+        std::fs::write(&config_path, text).expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = File::create(&stderr_path).expect("create stderr log");
+        let child = portico_command()
+            .arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn portico");
+        let mut p = Portico {
+            child,
+            dir,
+            config_path,
+            stderr_path,
+            metrics,
+        };
+        p.wait_ready().await;
+        p
+    }
+
+    async fn wait_ready(&mut self) {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "portico exited with {status} before it was ready; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            if let Ok(Ok((200, _))) =
+                tokio::time::timeout(Duration::from_secs(1), http_get(self.metrics, "/readyz"))
+                    .await
+            {
+                return;
+            }
+            if started.elapsed() > STARTUP {
+                panic!(
+                    "portico not ready within {STARTUP:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The Prometheus text from `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        match tokio::time::timeout(Duration::from_secs(5), http_get(self.metrics, "/metrics")).await
+        {
+            Ok(Ok((200, body))) => body,
+            other => panic!("GET /metrics failed: {other:?}"),
+        }
+    }
+
+    /// Sum of the series of `name` whose labels include all of `labels`
+    /// (0 when there is none).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics_text().await, name, labels)
+    }
+}
+
+impl Drop for Portico {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- portico stderr ({}) ---\n{}--- end ---",
+                self.config_path.display(),
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no header end"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no status"))?;
+    Ok((status, body.to_string()))
+}
+
+/// Sum the values of the series of `name` whose labels include `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let pairs: Vec<(&str, &str)> = label_text
+            .split("\",")
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| p.split_once("=\""))
+            .map(|(k, v)| (k, v.trim_end_matches('"')))
+            .collect();
+        if labels.iter().all(|l| pairs.contains(l)) {
+            total += value.parse::<f64>().unwrap_or(f64::NAN);
+        }
+    }
+    total
+}
+
+/// A fixture ClientHello from `tests/fixtures/clienthello/`.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/clienthello")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), enough to defeat any
+/// accidental pattern match without a dependency.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// FNV-1a, to report mismatches of large buffers briefly.
+pub fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Read until the peer closes: returns how long that took. Panics if data
+/// arrives instead or the connection is still open after `within`.
+pub async fn expect_closed<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(within, s.read(&mut buf)).await {
+        Err(_) => panic!("connection still open after {within:?}"),
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => panic!("expected the connection to close; got {n} bytes instead"),
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+            ) => {}
+        Ok(Err(e)) => panic!("unexpected read error: {e}"),
+    }
+    started.elapsed()
+}
+
+// ---------------------------------------------------------------- TLS
+
+/// A self-signed certificate for `tunnel.test` and the other names the
+/// tests use as SNI.
+pub struct TestCert {
+    pub cert: CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+impl TestCert {
+    pub fn generate() -> TestCert {
+        let names = [
+            "tunnel.test",
+            "*.tunnel.test",
+            "a.b.tunnel.test",
+            "tunnel.test.evil.net",
+        ]
+        .map(String::from)
+        .to_vec();
+        let ck = rcgen::generate_simple_self_signed(names).expect("rcgen");
+        TestCert {
+            cert: ck.cert.der().clone(),
+            key_der: ck.signing_key.serialize_der(),
+        }
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A client that trusts only `cert` and offers `alpn` in that order.
+/// With `sni = false` it sends no server_name (but still verifies the
+/// certificate for the name passed to [`tls_connect`]).
+pub fn tls_connector(cert: &TestCert, alpn: &[&str], sni: bool) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.clone()).expect("add root");
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    cfg.enable_sni = sni;
+    TlsConnector::from(Arc::new(cfg))
+}
+
+/// TCP connect to `addr` and complete a TLS handshake for `name`.
+/// Returns the stream and the client socket's local address.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+    name: &str,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, SocketAddr) {
+    let tcp = TcpStream::connect(addr).await.expect("connect to portico");
+    tcp.set_nodelay(true).unwrap();
+    let local = tcp.local_addr().unwrap();
+    let server_name = ServerName::try_from(name.to_string()).expect("server name");
+    let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(server_name, tcp))
+        .await
+        .unwrap_or_else(|_| panic!("TLS handshake for {name} via {addr} timed out"))
+        .unwrap_or_else(|e| panic!("TLS handshake for {name} via {addr} failed: {e}"));
+    (tls, local)
+}
+
+// ---------------------------------------------------------------- PROXY headers
+
+/// Which PROXY header a test backend expects before the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    None,
+    V1,
+    V2,
+}
+
+/// A PROXY header a backend received, parsed with `ppp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyInfo {
+    pub raw: Vec<u8>,
+    pub version: u8,
+    pub source: Option<SocketAddr>,
+    pub destination: Option<SocketAddr>,
+    /// v2 TLV 0x02.
+    pub authority: Option<String>,
+    /// v2 TLV 0x01.
+    pub alpn: Option<Vec<u8>>,
+    /// Kinds of all v2 TLVs in order.
+    pub tlv_kinds: Vec<u8>,
+}
+
+/// Read exactly one PROXY header of the expected version (never a byte
+/// more), so that the bytes after it stay in the stream.
+pub async fn read_proxy_header<S: AsyncRead + Unpin>(
+    s: &mut S,
+    expect: Expect,
+) -> Result<Option<ProxyInfo>, String> {
+    match expect {
+        Expect::None => Ok(None),
+        Expect::V1 => {
+            let mut raw = Vec::new();
+            while !raw.ends_with(b"\r\n") {
+                if raw.len() >= 107 {
+                    return Err(format!("no CRLF in the first 107 bytes: {raw:?}"));
+                }
+                let b = s.read_u8().await.map_err(|e| format!("read v1: {e}"))?;
+                raw.push(b);
+            }
+            let h = ppp::v1::Header::try_from(&raw[..])
+                .map_err(|e| format!("v1 parse {:?}: {e:?}", String::from_utf8_lossy(&raw)))?;
+            let (source, destination) = match h.addresses {
+                ppp::v1::Addresses::Tcp4(a) => (
+                    Some(SocketAddr::from((a.source_address, a.source_port))),
+                    Some(SocketAddr::from((
+                        a.destination_address,
+                        a.destination_port,
+                    ))),
+                ),
+                ppp::v1::Addresses::Tcp6(a) => (
+                    Some(SocketAddr::from((a.source_address, a.source_port))),
+                    Some(SocketAddr::from((
+                        a.destination_address,
+                        a.destination_port,
+                    ))),
+                ),
+                ppp::v1::Addresses::Unknown => (None, None),
+            };
+            Ok(Some(ProxyInfo {
+                raw,
+                version: 1,
+                source,
+                destination,
+                authority: None,
+                alpn: None,
+                tlv_kinds: Vec::new(),
+            }))
+        }
+        Expect::V2 => {
+            let mut raw = vec![0u8; 16];
+            s.read_exact(&mut raw)
+                .await
+                .map_err(|e| format!("read v2 fixed part: {e}"))?;
+            if &raw[..12] != b"\r\n\r\n\0\r\nQUIT\n" {
+                return Err(format!("not a v2 signature: {:?}", &raw[..12]));
+            }
+            let len = u16::from_be_bytes([raw[14], raw[15]]) as usize;
+            raw.resize(16 + len, 0);
+            s.read_exact(&mut raw[16..])
+                .await
+                .map_err(|e| format!("read v2 body: {e}"))?;
+            let h = ppp::v2::Header::try_from(&raw[..]).map_err(|e| format!("v2 parse: {e:?}"))?;
+            let (source, destination) = match h.addresses {
+                ppp::v2::Addresses::IPv4(a) => (
+                    Some(SocketAddr::from((a.source_address, a.source_port))),
+                    Some(SocketAddr::from((
+                        a.destination_address,
+                        a.destination_port,
+                    ))),
+                ),
+                ppp::v2::Addresses::IPv6(a) => (
+                    Some(SocketAddr::from((a.source_address, a.source_port))),
+                    Some(SocketAddr::from((
+                        a.destination_address,
+                        a.destination_port,
+                    ))),
+                ),
+                _ => (None, None),
+            };
+            let mut info = ProxyInfo {
+                raw: raw.clone(),
+                version: 2,
+                source,
+                destination,
+                authority: None,
+                alpn: None,
+                tlv_kinds: Vec::new(),
+            };
+            for tlv in h.tlvs() {
+                let tlv = tlv.map_err(|e| format!("v2 TLV: {e:?}"))?;
+                info.tlv_kinds.push(tlv.kind);
+                match tlv.kind {
+                    0x01 => info.alpn = Some(tlv.value.to_vec()),
+                    0x02 => info.authority = Some(String::from_utf8_lossy(&tlv.value).into_owned()),
+                    _ => {}
+                }
+            }
+            Ok(Some(info))
+        }
+    }
+}
+
+// ---------------------------------------------------------------- TLS echo server
+
+/// What a [`TlsEcho`] server saw on one connection.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// Which server (the name given to [`TlsEcho::start`]).
+    pub server: &'static str,
+    pub proxy: Result<Option<ProxyInfo>, String>,
+    /// SNI the server's rustls saw; `None` when the client sent none.
+    pub sni: Option<String>,
+    /// ALPN negotiated by the server.
+    pub alpn: Option<Vec<u8>>,
+    /// `Err` when the handshake failed.
+    pub handshake: Result<(), String>,
+}
+
+/// A rustls server on a loopback port that reads the expected PROXY header,
+/// completes a handshake with the test certificate, reports an [`Accepted`]
+/// on `events`, then echoes every byte until the client closes.
+pub struct TlsEcho {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl TlsEcho {
+    pub async fn start(
+        name: &'static str,
+        cert: &TestCert,
+        alpn: &[&str],
+        expect: Expect,
+        events: mpsc::UnboundedSender<Accepted>,
+    ) -> TlsEcho {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.clone()], cert.key())
+            .expect("server cert");
+        cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let acceptor = TlsAcceptor::from(Arc::new(cfg));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let proxy = read_proxy_header(&mut tcp, expect).await;
+                    if proxy.is_err() {
+                        let _ = events.send(Accepted {
+                            server: name,
+                            proxy,
+                            sni: None,
+                            alpn: None,
+                            handshake: Err("PROXY header unreadable".into()),
+                        });
+                        return;
+                    }
+                    let tls = match acceptor.accept(tcp).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            let _ = events.send(Accepted {
+                                server: name,
+                                proxy,
+                                sni: None,
+                                alpn: None,
+                                handshake: Err(e.to_string()),
+                            });
+                            return;
+                        }
+                    };
+                    let conn = tls.get_ref().1;
+                    let _ = events.send(Accepted {
+                        server: name,
+                        proxy,
+                        sni: conn.server_name().map(str::to_string),
+                        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+                        handshake: Ok(()),
+                    });
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        TlsEcho { addr, task }
+    }
+}
+
+impl Drop for TlsEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The next [`Accepted`] within `within`, or a panic naming what was awaited.
+pub async fn next_accepted(
+    events: &mut mpsc::UnboundedReceiver<Accepted>,
+    within: Duration,
+) -> Accepted {
+    match tokio::time::timeout(within, events.recv()).await {
+        Ok(Some(a)) => a,
+        Ok(None) => panic!("echo servers gone"),
+        Err(_) => panic!("no backend accepted a connection within {within:?}"),
+    }
+}
+
+// ---------------------------------------------------------------- raw backend
+
+/// Any byte stream a raw backend hands out.
+pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// One connection to a [`RawBackend`], its PROXY header already read.
+pub struct RawConn {
+    pub proxy: Result<Option<ProxyInfo>, String>,
+    pub stream: Box<dyn Duplex>,
+}
+
+impl RawConn {
+    /// The header, panicking with the read error when there was none.
+    pub fn header(&self) -> ProxyInfo {
+        match &self.proxy {
+            Ok(Some(h)) => h.clone(),
+            Ok(None) => panic!("no PROXY header was expected"),
+            Err(e) => panic!("backend could not read the PROXY header: {e}"),
+        }
+    }
+}
+
+/// A backend on TCP or a Unix socket that hands each connection to the test.
+pub struct RawBackend {
+    /// Address as written in the config (`127.0.0.1:P` or `unix:/path`).
+    pub addr: String,
+    conns: mpsc::UnboundedReceiver<RawConn>,
+    task: JoinHandle<()>,
+}
+
+impl RawBackend {
+    pub async fn tcp(expect: Expect) -> RawBackend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, conns) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let proxy = read_proxy_header(&mut s, expect).await;
+                let _ = tx.send(RawConn {
+                    proxy,
+                    stream: Box::new(s),
+                });
+            }
+        });
+        RawBackend { addr, conns, task }
+    }
+
+    pub async fn unix(path: &Path, expect: Expect) -> RawBackend {
+        let listener = UnixListener::bind(path).expect("bind unix backend");
+        let addr = format!("unix:{}", path.display());
+        let (tx, conns) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let proxy = read_proxy_header(&mut s, expect).await;
+                let _ = tx.send(RawConn {
+                    proxy,
+                    stream: Box::new(s),
+                });
+            }
+        });
+        RawBackend { addr, conns, task }
+    }
+
+    /// The next connection within `within`.
+    pub async fn next(&mut self, within: Duration) -> RawConn {
+        match tokio::time::timeout(within, self.conns.recv()).await {
+            Ok(Some(c)) => c,
+            Ok(None) => panic!("backend task ended"),
+            Err(_) => panic!("backend {} got no connection within {within:?}", self.addr),
+        }
+    }
+
+    /// Assert that no connection arrived (waiting up to `grace` for a late one).
+    pub async fn expect_none(&mut self, grace: Duration) {
+        if let Ok(Some(c)) = tokio::time::timeout(grace, self.conns.recv()).await {
+            panic!(
+                "backend {} got a connection it should not have (header {:?})",
+                self.addr, c.proxy
+            );
+        }
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------- portico check
+
+/// Output of one `portico check -c FILE` run.
+#[derive(Debug)]
+pub struct CheckOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `portico check -c path` with extra environment variables.
+pub async fn portico_check(path: &Path, env: &[(&str, &str)]) -> CheckOutput {
+    let mut cmd = tokio::process::Command::from(portico_command());
+    cmd.arg("check").arg("-c").arg(path).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(10), cmd.output())
+        .await
+        .expect("portico check did not finish within 10s")
+        .expect("run portico check");
+    CheckOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
