@@ -168,6 +168,8 @@ pub async fn serve(
 
     let ctx = Arc::new(ConnContext {
         client: info.client.ip(),
+        tasks: shared.tasks.clone(),
+        hard_stop: shared.hard_stop.clone(),
     });
     h::serve(
         Prefixed::new(first, tls),

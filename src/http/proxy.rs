@@ -92,6 +92,10 @@ impl SiteRuntime {
 /// Per-connection facts the handler needs.
 pub struct ConnContext {
     pub client: IpAddr,
+    /// Upgraded streams outlive their request: tracked for shutdown drains.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Cut upgraded streams when the shutdown grace period is over.
+    pub hard_stop: tokio_util::sync::CancellationToken,
 }
 
 /// Method label from a fixed set, so clients cannot add series.
@@ -216,7 +220,7 @@ pub async fn handle(
                     ex.respond(r.status().as_u16(), StreamKind::Http);
                     return finish(r, ex, &site);
                 }
-                return websocket::proxy(req, client, &authority, conn.client, ex, &site).await;
+                return websocket::proxy(req, client, &authority, &conn, ex, &site).await;
             } else {
                 match forward(
                     req,

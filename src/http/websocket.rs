@@ -4,7 +4,6 @@
 //! following frame headers in the copy loop, never by decoding payloads.
 
 use std::io;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::body::{Exchange, ResponseBody, StreamKind};
 use super::error::ProxyError;
 use super::headers::{self, Forwarded};
-use super::proxy::{finish, SiteRuntime};
+use super::proxy::{finish, ConnContext, SiteRuntime};
 use super::upstream::UpstreamClient;
 use crate::metrics as m;
 
@@ -61,7 +60,7 @@ pub async fn proxy(
     mut req: Request<Incoming>,
     client: Arc<UpstreamClient>,
     authority: &str,
-    client_ip: IpAddr,
+    conn_ctx: &ConnContext,
     mut ex: Exchange,
     site: &SiteRuntime,
 ) -> Response<ResponseBody> {
@@ -124,7 +123,7 @@ pub async fn proxy(
     headers::to_upstream(
         &mut headers,
         &Forwarded {
-            client: client_ip,
+            client: conn_ctx.client,
             host: authority,
         },
     );
@@ -194,7 +193,8 @@ pub async fn proxy(
     }
     ex.respond(101, StreamKind::WebSocket);
     let idle = site.idle;
-    tokio::spawn(async move {
+    let hard_stop = conn_ctx.hard_stop.clone();
+    conn_ctx.tasks.spawn(async move {
         let (c, u) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
             Ok(x) => x,
             Err(e) => {
@@ -208,7 +208,10 @@ pub async fn proxy(
         let to_client = metrics::counter!(m::WEBSOCKET_MESSAGES, "site" => labels.0, "location" => labels.1, "direction" => "upstream_to_client");
         let mut c = Framed::new(TokioIo::new(c), to_up);
         let mut u = Framed::new(TokioIo::new(u), to_client);
-        let result = crate::tunnel::join_with_idle(&mut c, &mut u, idle).await;
+        let result = tokio::select! {
+            r = crate::tunnel::join_with_idle(&mut c, &mut u, idle) => r,
+            _ = hard_stop.cancelled() => Err("shutdown".to_string()),
+        };
         ex.response_bytes = u.bytes;
         if let Err(e) = result {
             ex.error = Some(e);
