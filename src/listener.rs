@@ -225,9 +225,19 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, label: Arc<str>, shared
                 alpn: hello.and_then(|h| h.alpn.first().map(Vec::as_slice)),
             };
             let mut first = proxy_protocol::outbound_header(backend.proxy_protocol, &out);
+            let header_len = first.len();
             first.extend_from_slice(&buf);
             drop(buf);
-            pass(stream, &first, backend, &route.label, &info, cfg, &shared).await;
+            let job = tunnel::Job {
+                backend,
+                first,
+                header_len,
+                client: info.client,
+                route: &route.label,
+                connect_timeout: cfg.timeouts.upstream_connect,
+                idle: cfg.timeouts.idle,
+            };
+            tunnel::serve(stream, job, shared.hard_stop.cancelled()).await;
         }
         Action::Terminate(site) => {
             let prefixed = Prefixed::new(buf, stream);
@@ -264,53 +274,4 @@ async fn inbound_proxy(
             Err(e.reason())
         }
     }
-}
-
-async fn pass(
-    stream: TcpStream,
-    first: &[u8],
-    backend: &Arc<crate::config::Backend>,
-    route: &str,
-    info: &ConnInfo,
-    cfg: &Config,
-    shared: &Shared,
-) {
-    let started = Instant::now();
-    let conn = match tunnel::connect(backend, cfg.timeouts.upstream_connect).await {
-        Ok(c) => c,
-        Err(e) => {
-            metrics::counter!(m::BACKEND_CONNECT_FAILURES, "backend" => backend.name.clone())
-                .increment(1);
-            warn!(client = %info.client, route, backend = %backend.name, error = %e, "backend unreachable; closing client");
-            return;
-        }
-    };
-    let stats = {
-        let _active =
-            GaugeGuard::new(metrics::gauge!(m::TUNNEL_ACTIVE, "backend" => backend.name.clone()));
-        tunnel::pipe(
-            stream,
-            conn,
-            first,
-            &backend.name,
-            cfg.timeouts.idle,
-            shared.hard_stop.cancelled(),
-        )
-        .await
-    };
-    let secs = started.elapsed().as_secs_f64();
-    metrics::histogram!(m::TUNNEL_DURATION, "backend" => backend.name.clone()).record(secs);
-    info!(
-        target: "portico::access",
-        kind = "tunnel",
-        client = %info.client,
-        listener = %info.listener,
-        route,
-        backend = %backend.name,
-        bytes_up = stats.up,
-        bytes_down = stats.down,
-        duration_ms = (secs * 1000.0) as u64,
-        cause = %stats.cause,
-        "tunnel closed"
-    );
 }

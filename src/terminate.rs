@@ -131,32 +131,18 @@ pub async fn serve(
                     alpn: alpn.as_deref(),
                 };
                 let mut head = proxy_protocol::outbound_header(backend.proxy_protocol, &out);
+                let header_len = head.len();
                 head.extend_from_slice(&first);
-                let conn = match tunnel::connect(&backend, cfg.timeouts.upstream_connect).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        metrics::counter!(m::BACKEND_CONNECT_FAILURES, "backend" => backend.name.clone()).increment(1);
-                        tracing::warn!(site, backend = %backend.name, error = %e, "non_http backend unreachable; closing client");
-                        return;
-                    }
+                let job = tunnel::Job {
+                    backend: &backend,
+                    first: head,
+                    header_len,
+                    client: info.client,
+                    route: site,
+                    connect_timeout: cfg.timeouts.upstream_connect,
+                    idle: cfg.timeouts.idle,
                 };
-                let _active = crate::metrics::GaugeGuard::new(
-                    metrics::gauge!(m::TUNNEL_ACTIVE, "backend" => backend.name.clone()),
-                );
-                let started = std::time::Instant::now();
-                let stats = tunnel::pipe(
-                    tls,
-                    conn,
-                    &head,
-                    &backend.name,
-                    cfg.timeouts.idle,
-                    shared.hard_stop.cancelled(),
-                )
-                .await;
-                metrics::histogram!(m::TUNNEL_DURATION, "backend" => backend.name.clone())
-                    .record(started.elapsed().as_secs_f64());
-                tracing::info!(target: "portico::access", kind = "tunnel", client = %info.client, site, backend = %backend.name,
-                    bytes_up = stats.up, bytes_down = stats.down, duration_ms = started.elapsed().as_millis() as u64, cause = %stats.cause, "tunnel closed");
+                tunnel::serve(tls, job, shared.hard_stop.cancelled()).await;
                 return;
             }
             Err(e) => {

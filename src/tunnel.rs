@@ -241,40 +241,75 @@ impl<S: AsyncWrite> AsyncWrite for Touching<S> {
     }
 }
 
-/// Send `first` (PROXY header + peeked bytes) to the backend, then join the
-/// two streams until both directions have ended, an error, `idle` without
-/// traffic, or `shutdown` resolves.
-pub async fn pipe<C>(
-    client: C,
-    backend: BackendStream,
-    first: &[u8],
-    backend_name: &str,
-    idle: Duration,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> TunnelStats
+/// What to do with one passthrough connection.
+pub struct Job<'a> {
+    pub backend: &'a Backend,
+    /// PROXY header followed by the bytes peeked from the client.
+    pub first: Vec<u8>,
+    /// Length of the PROXY header at the start of `first`.
+    pub header_len: usize,
+    /// Who the client is and which route sent it, for the access log.
+    pub client: std::net::SocketAddr,
+    pub route: &'a str,
+    pub connect_timeout: Duration,
+    pub idle: Duration,
+}
+
+/// Connect to the job's backend and join it with `client` until both sides
+/// are done; counts, times and logs the tunnel. A backend that cannot be
+/// reached closes the client at once, counted and logged once.
+pub async fn serve<C>(client: C, job: Job<'_>, shutdown: impl std::future::Future<Output = ()>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    match backend {
-        BackendStream::Tcp(b) => pipe_streams(client, b, first, backend_name, idle, shutdown).await,
-        BackendStream::Unix(b) => {
-            pipe_streams(client, b, first, backend_name, idle, shutdown).await
+    let name = job.backend.name.as_str();
+    let started = Instant::now();
+    let conn = match connect(job.backend, job.connect_timeout).await {
+        Ok(c) => c,
+        Err(e) => {
+            metrics::counter!(m::BACKEND_CONNECT_FAILURES, "backend" => name.to_string())
+                .increment(1);
+            tracing::warn!(client = %job.client, route = %job.route, backend = %name, error = %e, "backend unreachable; closing client");
+            return;
         }
-    }
+    };
+    let stats = {
+        let _active = crate::metrics::GaugeGuard::new(
+            metrics::gauge!(m::TUNNEL_ACTIVE, "backend" => name.to_string()),
+        );
+        match conn {
+            BackendStream::Tcp(b) => pipe_streams(client, b, &job, shutdown).await,
+            BackendStream::Unix(b) => pipe_streams(client, b, &job, shutdown).await,
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    metrics::histogram!(m::TUNNEL_DURATION, "backend" => name.to_string()).record(secs);
+    tracing::info!(
+        target: "portico::access",
+        kind = "tunnel",
+        client = %job.client,
+        route = %job.route,
+        backend = %name,
+        bytes_up = stats.up,
+        bytes_down = stats.down,
+        duration_ms = (secs * 1000.0) as u64,
+        cause = %stats.cause,
+        "tunnel closed"
+    );
 }
 
 async fn pipe_streams<C, B>(
     client: C,
     mut backend: B,
-    first: &[u8],
-    backend_name: &str,
-    idle: Duration,
+    job: &Job<'_>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> TunnelStats
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let (first, idle) = (job.first.as_slice(), job.idle);
+    let backend_name = job.backend.name.as_str();
     let up_counter = metrics::counter!(m::TUNNEL_BYTES, "backend" => backend_name.to_string(), "direction" => "upstream");
     let down_counter = metrics::counter!(m::TUNNEL_BYTES, "backend" => backend_name.to_string(), "direction" => "downstream");
     if let Err(e) = backend.write_all(first).await {
@@ -284,7 +319,9 @@ where
             cause: CloseCause::Error(format!("write to backend: {e}")),
         };
     }
-    up_counter.increment(first.len() as u64);
+    // The PROXY header is ours, not the client's: count only client bytes.
+    let client_first = first.len().saturating_sub(job.header_len) as u64;
+    up_counter.increment(client_first);
     let activity = Arc::new(Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
@@ -292,7 +329,7 @@ where
     let mut c = Metered {
         inner: client,
         counter: up_counter,
-        total: first.len() as u64,
+        total: client_first,
         activity: activity.clone(),
     };
     let mut b = Metered {

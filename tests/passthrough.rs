@@ -753,6 +753,69 @@ addr = "{}"
     .await
 }
 
+// 9b. Timing is the subject here: the sleeps are the traffic pattern.
+#[tokio::test]
+async fn idle_tunnel_is_closed_on_both_sides_and_traffic_keeps_it_open() {
+    bounded(20, async {
+        let mut backend = RawBackend::tcp(Expect::None).await;
+        let listen = free_addr();
+        let _p = Portico::start(&format!(
+            r#"
+[timeouts]
+idle = "400ms"
+
+[[listen]]
+addr = "{listen}"
+
+[[route]]
+sni = ["tunnel.test"]
+pass = "b"
+
+[backend.b]
+addr = "{}"
+"#,
+            backend.addr
+        ))
+        .await;
+        let hello = fixture("curl-default.bin");
+        let mut client = connect(listen).await;
+        client.write_all(&hello).await.unwrap();
+        let mut conn = backend.next(5 * SEC).await;
+        let mut got = vec![0u8; hello.len()];
+        conn.stream.read_exact(&mut got).await.unwrap();
+
+        // A byte every 150 ms, alternating directions, for 1.2 s: never idle.
+        for i in 0..8u8 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let mut one = [0u8; 1];
+            if i % 2 == 0 {
+                client.write_all(&[i]).await.unwrap();
+                conn.stream.read_exact(&mut one).await.expect("tunnel open");
+            } else {
+                conn.stream.write_all(&[i]).await.unwrap();
+                client.read_exact(&mut one).await.expect("tunnel open");
+            }
+            assert_eq!(one, [i]);
+        }
+
+        // Then silence: both sides are closed after ~400 ms.
+        let window = Duration::from_millis(300)..=Duration::from_secs(2);
+        let (to_client, to_backend) = tokio::join!(
+            expect_closed(&mut client, 3 * SEC),
+            expect_closed(&mut conn.stream, 3 * SEC)
+        );
+        assert!(
+            window.contains(&to_client),
+            "client closed after {to_client:?}"
+        );
+        assert!(
+            window.contains(&to_backend),
+            "backend closed after {to_backend:?}"
+        );
+    })
+    .await
+}
+
 // 10.
 #[tokio::test]
 async fn unreachable_backend_closes_the_client_and_is_counted() {
@@ -815,18 +878,18 @@ async fn log_lines_have_no_colour_codes_when_stderr_is_not_a_terminal() {
         expect_closed(&mut client, 2 * SEC).await;
         let stderr = p.stderr();
         assert!(stderr.contains("listening"), "stderr:\n{stderr}");
+        assert!(!stderr.contains('\x1b'), "ANSI escapes in {stderr:?}");
         assert!(
             stderr.contains("backend=gone"),
             "fields as key=value: {stderr:?}"
         );
-        assert!(!stderr.contains('\x1b'), "ANSI escapes in {stderr:?}");
     })
     .await
 }
 
 // 11.
 #[tokio::test]
-async fn malformed_hello_and_unrouted_sni_are_closed_and_counted() {
+async fn malformed_oversized_and_unrouted_hellos_are_closed_and_counted() {
     bounded(20, async {
         let mut backend = RawBackend::tcp(Expect::None).await;
         let listen = free_addr();
@@ -875,9 +938,29 @@ addr = "{}"
             1.0,
             "{m}"
         );
+
+        // A record declaring more than the 16 KiB a hello may take: refused
+        // from its header, without waiting for the body.
+        let mut c = connect(listen).await;
+        let _ = c
+            .write_all(&[0x16, 0x03, 0x01, 0x48, 0x00, 0x01, 0x00, 0x47, 0xfc])
+            .await;
+        let took = expect_closed(&mut c, 2 * SEC).await;
+        assert!(took < SEC, "too large hello closed after {took:?}");
+
+        let m = p.metrics_text().await;
+        assert_eq!(
+            metric_value(
+                &m,
+                "portico_client_hello_failures_total",
+                &[("reason", "too_large")]
+            ),
+            1.0,
+            "{m}"
+        );
         assert_eq!(
             metric_value(&m, "portico_client_hello_failures_total", &[]),
-            2.0,
+            3.0,
             "{m}"
         );
         let lst = listen.to_string();
@@ -887,7 +970,7 @@ addr = "{}"
                 "portico_connections_total",
                 &[("listener", &lst), ("action", "reject")]
             ),
-            2.0,
+            3.0,
             "{m}"
         );
         backend.expect_none(Duration::from_millis(100)).await;
@@ -1099,7 +1182,7 @@ async fn check_names_file_key_and_reason() {
             &valid,
             &[("PORTICO_TIMEOUTS__CLIENT_HELLO", "bogus")],
             "timeouts.client_hello",
-            "",
+            "\"bogus\"",
         )
         .await;
     })

@@ -724,3 +724,12 @@ pub async fn portico_check(path: &Path, env: &[(&str, &str)]) -> CheckOutput {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+// ---------------------------------------------------------------- process
+
+impl Portico {
+    /// The child's process id, e.g. to sample its memory in `/proc/PID/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
