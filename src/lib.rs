@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod proxy_protocol;
 pub mod route;
 pub mod server;
+pub mod splice;
 pub mod terminate;
 pub mod tls;
 pub mod tunnel;

@@ -236,8 +236,14 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, label: Arc<str>, shared
                 route: &route.label,
                 connect_timeout: cfg.timeouts.upstream_connect,
                 idle: cfg.timeouts.idle,
+                splice: cfg.tunnel.splice,
             };
-            tunnel::serve(stream, job, shared.hard_stop.cancelled()).await;
+            tunnel::serve(
+                tunnel::ClientSide::<TcpStream>::Tcp(stream),
+                job,
+                shared.hard_stop.cancelled(),
+            )
+            .await;
         }
         Action::Terminate(site) => {
             let prefixed = Prefixed::new(buf, stream);

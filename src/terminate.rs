@@ -141,8 +141,14 @@ pub async fn serve(
                     route: site,
                     connect_timeout: cfg.timeouts.upstream_connect,
                     idle: cfg.timeouts.idle,
+                    splice: false,
                 };
-                tunnel::serve(tls, job, shared.hard_stop.cancelled()).await;
+                tunnel::serve(
+                    tunnel::ClientSide::Stream(tls),
+                    job,
+                    shared.hard_stop.cancelled(),
+                )
+                .await;
                 return;
             }
             Err(e) => {

@@ -253,13 +253,25 @@ pub struct Job<'a> {
     pub route: &'a str,
     pub connect_timeout: Duration,
     pub idle: Duration,
+    /// Use splice(2) when both sides are plain sockets.
+    pub splice: bool,
+}
+
+/// The client side of a tunnel: a plain socket can be spliced; any other
+/// stream (decrypted TLS) is copied through user space.
+pub enum ClientSide<C> {
+    Tcp(TcpStream),
+    Stream(C),
 }
 
 /// Connect to the job's backend and join it with `client` until both sides
 /// are done; counts, times and logs the tunnel. A backend that cannot be
 /// reached closes the client at once, counted and logged once.
-pub async fn serve<C>(client: C, job: Job<'_>, shutdown: impl std::future::Future<Output = ()>)
-where
+pub async fn serve<C>(
+    client: ClientSide<C>,
+    job: Job<'_>,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let name = job.backend.name.as_str();
@@ -277,9 +289,23 @@ where
         let _active = crate::metrics::GaugeGuard::new(
             metrics::gauge!(m::TUNNEL_ACTIVE, "backend" => name.to_string()),
         );
-        match conn {
-            BackendStream::Tcp(b) => pipe_streams(client, b, &job, shutdown).await,
-            BackendStream::Unix(b) => pipe_streams(client, b, &job, shutdown).await,
+        match (client, conn) {
+            (ClientSide::Tcp(c), BackendStream::Tcp(b)) if job.splice => {
+                splice_sockets(c, b, &job, shutdown).await
+            }
+            (ClientSide::Tcp(c), BackendStream::Unix(b)) if job.splice => {
+                splice_sockets(c, b, &job, shutdown).await
+            }
+            (ClientSide::Tcp(c), BackendStream::Tcp(b)) => pipe_streams(c, b, &job, shutdown).await,
+            (ClientSide::Tcp(c), BackendStream::Unix(b)) => {
+                pipe_streams(c, b, &job, shutdown).await
+            }
+            (ClientSide::Stream(c), BackendStream::Tcp(b)) => {
+                pipe_streams(c, b, &job, shutdown).await
+            }
+            (ClientSide::Stream(c), BackendStream::Unix(b)) => {
+                pipe_streams(c, b, &job, shutdown).await
+            }
         }
     };
     let secs = started.elapsed().as_secs_f64();
@@ -296,6 +322,60 @@ where
         cause = %stats.cause,
         "tunnel closed"
     );
+}
+
+/// The splice(2) path for socket-to-socket tunnels.
+async fn splice_sockets<B>(
+    client: TcpStream,
+    mut backend: B,
+    job: &Job<'_>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> TunnelStats
+where
+    B: crate::splice::Socket + AsyncWrite + Unpin,
+{
+    let backend_name = job.backend.name.as_str();
+    let up_counter = metrics::counter!(m::TUNNEL_BYTES, "backend" => backend_name.to_string(), "direction" => "upstream");
+    let down_counter = metrics::counter!(m::TUNNEL_BYTES, "backend" => backend_name.to_string(), "direction" => "downstream");
+    if let Err(e) = backend.write_all(&job.first).await {
+        return TunnelStats {
+            up: 0,
+            down: 0,
+            cause: CloseCause::Error(format!("write to backend: {e}")),
+        };
+    }
+    let client_first = job.first.len().saturating_sub(job.header_len) as u64;
+    up_counter.increment(client_first);
+    let activity = Arc::new(Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    });
+    let (up, down) = (AtomicU64::new(client_first), AtomicU64::new(0));
+    let copy = async {
+        tokio::try_join!(
+            crate::splice::one_way(&client, &backend, &up, |n| {
+                up_counter.increment(n);
+                activity.touch();
+            }),
+            crate::splice::one_way(&backend, &client, &down, |n| {
+                down_counter.increment(n);
+                activity.touch();
+            }),
+        )
+    };
+    let cause = tokio::select! {
+        r = copy => match r {
+            Ok(_) => CloseCause::Done,
+            Err(e) => CloseCause::Error(e.to_string()),
+        },
+        _ = idle_watchdog(&activity, job.idle) => CloseCause::Idle,
+        _ = shutdown => CloseCause::Shutdown,
+    };
+    TunnelStats {
+        up: up.load(Ordering::Relaxed),
+        down: down.load(Ordering::Relaxed),
+        cause,
+    }
 }
 
 async fn pipe_streams<C, B>(

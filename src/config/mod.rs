@@ -118,6 +118,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: Log,
+    pub tunnel: Tunnel,
     pub listeners: Vec<Listen>,
     pub routes: Vec<Route>,
     pub backends: BTreeMap<String, Arc<Backend>>,
@@ -180,6 +181,12 @@ impl Default for Limits {
             max_uri_length: 8 * 1024,
         }
     }
+}
+
+/// How passthrough bytes are moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tunnel {
+    pub splice: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

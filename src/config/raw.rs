@@ -26,6 +26,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
+    pub tunnel: RawTunnel,
+    #[serde(default)]
     pub listen: Vec<RawListen>,
     #[serde(default)]
     pub route: Vec<RawRoute>,
@@ -68,6 +70,13 @@ pub struct RawLimits {
     pub max_headers: Option<usize>,
     pub max_h2_streams: Option<u32>,
     pub max_uri_length: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTunnel {
+    /// Move passthrough bytes with splice(2) (default) instead of user-space buffers.
+    pub splice: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -298,6 +298,9 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
         timeouts,
         limits,
         log,
+        tunnel: Tunnel {
+            splice: raw.tunnel.splice.unwrap_or(true),
+        },
         listeners,
         routes,
         backends,

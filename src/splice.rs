@@ -1,0 +1,112 @@
+//! Zero-copy passthrough with splice(2): socket -> pipe -> socket, so tunnel
+//! bytes never enter user space. Written by hand because no maintained crate
+//! drives splice on tokio sockets; `rustix` provides the safe syscall
+//! wrappers (no `unsafe` here).
+//!
+//! Measured on loopback (see the README's benchmarks): splice cuts the CPU
+//! per GiB passed to well under half of a 64 KiB userspace copy.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
+use tokio::io::Interest;
+use tokio::net::{TcpStream, UnixStream};
+
+/// Bytes moved per splice call; a pipe holds 64 KiB by default.
+const CHUNK: usize = 64 * 1024;
+
+/// A tokio socket whose readiness we can wait on and whose fd we can splice.
+pub trait Socket: AsFd {
+    fn ready_read(&self) -> impl std::future::Future<Output = io::Result<()>>;
+    fn ready_write(&self) -> impl std::future::Future<Output = io::Result<()>>;
+    fn try_io_with<R>(
+        &self,
+        interest: Interest,
+        f: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R>;
+}
+
+impl Socket for TcpStream {
+    async fn ready_read(&self) -> io::Result<()> {
+        self.readable().await
+    }
+    async fn ready_write(&self) -> io::Result<()> {
+        self.writable().await
+    }
+    fn try_io_with<R>(
+        &self,
+        interest: Interest,
+        f: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        self.try_io(interest, f)
+    }
+}
+
+impl Socket for UnixStream {
+    async fn ready_read(&self) -> io::Result<()> {
+        self.readable().await
+    }
+    async fn ready_write(&self) -> io::Result<()> {
+        self.writable().await
+    }
+    fn try_io_with<R>(
+        &self,
+        interest: Interest,
+        f: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        self.try_io(interest, f)
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC).map_err(io::Error::from)
+}
+
+/// Move bytes from `src` to `dst` until `src` reaches EOF, then shut down
+/// `dst`'s write half (propagating the half-close). `on_bytes` sees every
+/// transfer (metrics, idle clock); `total` accumulates the count.
+pub async fn one_way<S: Socket, D: Socket>(
+    src: &S,
+    dst: &D,
+    total: &AtomicU64,
+    mut on_bytes: impl FnMut(u64),
+) -> io::Result<()> {
+    let (pipe_r, pipe_w) = pipe()?;
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    loop {
+        // Fill the (empty) pipe from the source.
+        let n = loop {
+            src.ready_read().await?;
+            match src.try_io_with(Interest::READABLE, || {
+                splice(src.as_fd(), None, &pipe_w, None, CHUNK, flags).map_err(io::Error::from)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            rustix::net::shutdown(dst.as_fd(), rustix::net::Shutdown::Write)
+                .map_err(io::Error::from)?;
+            return Ok(());
+        }
+        // Drain the pipe into the destination.
+        let mut left = n;
+        while left > 0 {
+            dst.ready_write().await?;
+            match dst.try_io_with(Interest::WRITABLE, || {
+                splice(&pipe_r, None, dst.as_fd(), None, left, flags).map_err(io::Error::from)
+            }) {
+                Ok(m) => {
+                    left -= m;
+                    total.fetch_add(m as u64, Ordering::Relaxed);
+                    on_bytes(m as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
