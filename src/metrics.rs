@@ -131,3 +131,59 @@ impl Drop for GaugeGuard {
         self.0.decrement(1.0);
     }
 }
+
+/// Kinds of HTTP streams, in the order of [`LocationMetrics`]' arrays.
+pub const STREAM_KINDS: [&str; 3] = ["http", "sse", "websocket"];
+
+/// Handles for one (site, location), registered once when the config is
+/// loaded so that a request touches no registry (and every series exists,
+/// at zero, from the start).
+pub struct LocationMetrics {
+    pub site: std::sync::Arc<str>,
+    pub location: std::sync::Arc<str>,
+    pub first_byte: metrics::Histogram,
+    pub body_request: metrics::Counter,
+    pub body_response: metrics::Counter,
+    pub sse_events: metrics::Counter,
+    pub ws_to_upstream: metrics::Counter,
+    pub ws_to_client: metrics::Counter,
+    /// Indexed like [`STREAM_KINDS`].
+    pub active: [metrics::Gauge; 3],
+    pub duration: [metrics::Histogram; 3],
+}
+
+impl LocationMetrics {
+    pub fn new(site: &str, location: &str) -> LocationMetrics {
+        let (s, l) = (site.to_string(), location.to_string());
+        let lab = |extra: (&'static str, &'static str)| {
+            vec![
+                metrics::Label::new("site", s.clone()),
+                metrics::Label::new("location", l.clone()),
+                metrics::Label::new(extra.0, extra.1),
+            ]
+        };
+        let two = vec![
+            metrics::Label::new("site", s.clone()),
+            metrics::Label::new("location", l.clone()),
+        ];
+        LocationMetrics {
+            site: std::sync::Arc::from(site),
+            location: std::sync::Arc::from(location),
+            first_byte: metrics::histogram!(HTTP_FIRST_BYTE, two.clone()),
+            body_request: metrics::counter!(HTTP_BODY_BYTES, lab(("direction", "request"))),
+            body_response: metrics::counter!(HTTP_BODY_BYTES, lab(("direction", "response"))),
+            sse_events: metrics::counter!(SSE_EVENTS, two),
+            ws_to_upstream: metrics::counter!(
+                WEBSOCKET_MESSAGES,
+                lab(("direction", "client_to_upstream"))
+            ),
+            ws_to_client: metrics::counter!(
+                WEBSOCKET_MESSAGES,
+                lab(("direction", "upstream_to_client"))
+            ),
+            active: STREAM_KINDS.map(|k| metrics::gauge!(HTTP_STREAMS_ACTIVE, lab(("kind", k)))),
+            duration: STREAM_KINDS
+                .map(|k| metrics::histogram!(HTTP_STREAM_DURATION, lab(("kind", k)))),
+        }
+    }
+}

@@ -194,17 +194,6 @@ fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
     (at(0.5), at(0.99), v[v.len() - 1])
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[derive(clap::Args)]
 pub struct SseArgs {
     #[arg(long)]
@@ -220,22 +209,23 @@ pub struct SseArgs {
     events: u64,
     #[arg(long, default_value_t = 50)]
     interval_ms: u64,
-    /// Report this process's RSS growth per open stream (the front's PID).
+    /// Print `{"open":N}` once every stream has its first event, then keep
+    /// reading: the caller samples the front's memory at that moment.
     #[arg(long)]
-    measure_pid: Option<u32>,
+    announce_open: bool,
     #[arg(long, default_value_t = 120)]
     deadline_secs: u64,
 }
 
 pub async fn sse(a: SseArgs) -> Result<()> {
-    let before = a.measure_pid.map(rss_kib);
-    let opened = Arc::new(tokio::sync::Barrier::new(a.streams + 1));
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all_open = Arc::new(tokio::sync::Notify::new());
     let mut tasks = Vec::new();
     for _ in 0..a.streams {
         let connect = a.connect.clone();
         let sni = a.sni.clone();
         let host = a.host.clone();
-        let opened = opened.clone();
+        let (opened, all_open, streams) = (opened.clone(), all_open.clone(), a.streams);
         let (events, interval) = (a.events, a.interval_ms);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(events as usize);
@@ -252,13 +242,15 @@ pub async fn sse(a: SseArgs) -> Result<()> {
                 if rd.read_line(&mut line).await? == 0 {
                     break;
                 }
+                // Chunked framing lines are not `data:` lines; skip them.
                 if let Some(ts) = line.trim().strip_prefix("data: ") {
-                    // Chunked framing lines are not `data:` lines; skip them.
                     if let Ok(sent) = ts.parse::<u128>() {
                         lat.push(now_ns().saturating_sub(sent) as f64 / 1e6);
                         if first {
                             first = false;
-                            opened.wait().await;
+                            if opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == streams {
+                                all_open.notify_one();
+                            }
                         }
                     }
                 }
@@ -266,8 +258,14 @@ pub async fn sse(a: SseArgs) -> Result<()> {
             Ok::<_, anyhow::Error>(lat)
         }));
     }
-    opened.wait().await;
-    let during = a.measure_pid.map(rss_kib);
+    if a.announce_open {
+        tokio::time::timeout(Duration::from_secs(a.deadline_secs), all_open.notified())
+            .await
+            .context("streams did not all open")?;
+        println!("{{\"open\":{}}}", a.streams);
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+    }
     let all = tokio::time::timeout(Duration::from_secs(a.deadline_secs), async {
         let mut all = Vec::new();
         for t in tasks {
@@ -279,11 +277,7 @@ pub async fn sse(a: SseArgs) -> Result<()> {
     .context("deadline")??;
     let count = all.len();
     let (p50, p99, max) = percentiles(all);
-    let per_stream = match (before, during) {
-        (Some(b), Some(d)) => format!(",\"rss_kib_per_stream\":{:.1}", d.saturating_sub(b) as f64 / a.streams as f64),
-        _ => String::new(),
-    };
-    println!("{{\"events\":{count},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"max_ms\":{max:.3}{per_stream}}}");
+    println!("{{\"events\":{count},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"max_ms\":{max:.3}}}");
     Ok(())
 }
 

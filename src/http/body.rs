@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::metrics::{self as m, GaugeGuard};
+use crate::metrics::{self as m, GaugeGuard, LocationMetrics};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -181,8 +181,7 @@ impl StreamKind {
 /// Everything known about one request/response, logged once when the
 /// response ends (completed, aborted by the client, or failed).
 pub struct Exchange {
-    pub site: Arc<str>,
-    pub location: Arc<str>,
+    pub metrics: Arc<LocationMetrics>,
     pub method: &'static str,
     pub path: String,
     pub status: u16,
@@ -197,11 +196,19 @@ pub struct Exchange {
     _active: Option<GaugeGuard>,
 }
 
+impl StreamKind {
+    fn index(self) -> usize {
+        match self {
+            StreamKind::Http => 0,
+            StreamKind::Sse => 1,
+            StreamKind::WebSocket => 2,
+        }
+    }
+}
+
 impl Exchange {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        site: Arc<str>,
-        location: Arc<str>,
+        metrics: Arc<LocationMetrics>,
         method: &'static str,
         path: String,
         protocol: &'static str,
@@ -210,8 +217,7 @@ impl Exchange {
         request: Arc<RequestProgress>,
     ) -> Exchange {
         Exchange {
-            site,
-            location,
+            metrics,
             method,
             path,
             status: 0,
@@ -227,25 +233,46 @@ impl Exchange {
         }
     }
 
+    pub fn site(&self) -> &str {
+        &self.metrics.site
+    }
+
+    pub fn location(&self) -> &str {
+        &self.metrics.location
+    }
+
     /// The response head is known: count the request, open the stream gauge.
     pub fn respond(&mut self, status: u16, kind: StreamKind) {
         self.status = status;
         self.kind = kind;
         metrics::counter!(m::HTTP_REQUESTS,
-            "site" => self.site.to_string(), "location" => self.location.to_string(),
-            "method" => self.method, "status" => status.to_string(), "protocol" => self.protocol)
+            "site" => self.metrics.site.to_string(), "location" => self.metrics.location.to_string(),
+            "method" => self.method, "status" => status_label(status), "protocol" => self.protocol)
         .increment(1);
-        self._active = Some(GaugeGuard::new(metrics::gauge!(m::HTTP_STREAMS_ACTIVE,
-            "site" => self.site.to_string(), "location" => self.location.to_string(), "kind" => kind.as_str())));
+        self._active = Some(GaugeGuard::new(self.metrics.active[kind.index()].clone()));
     }
 
     fn mark_first_byte(&mut self) {
         if self.first_byte.is_none() {
             let now = Instant::now();
             self.first_byte = Some(now);
-            metrics::histogram!(m::HTTP_FIRST_BYTE, "site" => self.site.to_string(), "location" => self.location.to_string())
+            self.metrics
+                .first_byte
                 .record(now.duration_since(self.started).as_secs_f64());
         }
+    }
+}
+
+/// Status as a label without allocating for the common ones.
+fn status_label(status: u16) -> metrics::SharedString {
+    match status {
+        200 => "200".into(),
+        101 => "101".into(),
+        204 => "204".into(),
+        304 => "304".into(),
+        404 => "404".into(),
+        502 => "502".into(),
+        other => other.to_string().into(),
     }
 }
 
@@ -253,9 +280,7 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
         if self._active.is_some() {
-            metrics::histogram!(m::HTTP_STREAM_DURATION,
-                "site" => self.site.to_string(), "location" => self.location.to_string(), "kind" => self.kind.as_str())
-            .record(elapsed.as_secs_f64());
+            self.metrics.duration[self.kind.index()].record(elapsed.as_secs_f64());
         }
         let first_byte_ms = self
             .first_byte
@@ -263,8 +288,8 @@ impl Drop for Exchange {
         tracing::info!(
             target: "portico::access",
             kind = "http",
-            site = %self.site,
-            location = %self.location,
+            site = %self.metrics.site,
+            location = %self.metrics.location,
             method = self.method,
             path = %self.path,
             status = self.status,
@@ -292,12 +317,6 @@ pub struct ResponseBody {
     source: Source,
     exchange: Option<Box<Exchange>>,
     sse: Option<SseCounter>,
-    counters: Option<Box<ResponseCounters>>,
-}
-
-struct ResponseCounters {
-    bytes: metrics::Counter,
-    events: metrics::Counter,
 }
 
 impl ResponseBody {
@@ -306,7 +325,6 @@ impl ResponseBody {
             source: Source::Empty,
             exchange: None,
             sse: None,
-            counters: None,
         }
     }
 
@@ -315,7 +333,6 @@ impl ResponseBody {
             source: Source::Full(Some(b.into())),
             exchange: None,
             sse: None,
-            counters: None,
         }
     }
 
@@ -324,28 +341,15 @@ impl ResponseBody {
             source: Source::Upstream(b),
             exchange: None,
             sse: None,
-            counters: None,
         }
     }
 
     /// Attach the exchange: from now on bytes are counted and the access log
     /// line is written when this body is dropped.
     pub fn with_exchange(mut self, ex: Exchange) -> Self {
-        let labels = [
-            ("site", ex.site.to_string()),
-            ("location", ex.location.to_string()),
-        ];
         if ex.kind == StreamKind::Sse {
             self.sse = Some(SseCounter::default());
         }
-        self.counters = Some(Box::new(ResponseCounters {
-            bytes: metrics::counter!(m::HTTP_BODY_BYTES, "site" => labels[0].1.clone(), "location" => labels[1].1.clone(), "direction" => "response"),
-            events: if ex.kind == StreamKind::Sse {
-                metrics::counter!(m::SSE_EVENTS, "site" => labels[0].1.clone(), "location" => labels[1].1.clone())
-            } else {
-                metrics::Counter::noop()
-            },
-        }));
         self.exchange = Some(Box::new(ex));
         self
     }
@@ -374,19 +378,15 @@ impl Body for ResponseBody {
             },
         };
         if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
+            if let (Some(data), Some(ex)) = (frame.data_ref(), this.exchange.as_mut()) {
                 if !data.is_empty() {
-                    if let Some(ex) = this.exchange.as_mut() {
-                        ex.mark_first_byte();
-                        ex.response_bytes += data.len() as u64;
-                    }
-                    if let Some(c) = this.counters.as_ref() {
-                        c.bytes.increment(data.len() as u64);
-                        if let Some(sse) = this.sse.as_mut() {
-                            let n = sse.feed(data);
-                            if n > 0 {
-                                c.events.increment(n);
-                            }
+                    ex.mark_first_byte();
+                    ex.response_bytes += data.len() as u64;
+                    ex.metrics.body_response.increment(data.len() as u64);
+                    if let Some(sse) = this.sse.as_mut() {
+                        let n = sse.feed(data);
+                        if n > 0 {
+                            ex.metrics.sse_events.increment(n);
                         }
                     }
                 }

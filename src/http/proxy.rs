@@ -24,6 +24,7 @@ use crate::metrics as m;
 /// A location ready to serve.
 pub struct LocationRuntime {
     pub name: Arc<str>,
+    pub metrics: Arc<crate::metrics::LocationMetrics>,
     pub target: Target,
     pub client: Option<Arc<UpstreamClient>>,
     pub websocket: bool,
@@ -37,6 +38,8 @@ pub struct SiteRuntime {
     pub locations: Vec<LocationRuntime>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub idle: std::time::Duration,
+    /// Metrics of requests no location takes (404, 421, 400): `location="none"`.
+    pub unmatched: Arc<crate::metrics::LocationMetrics>,
 }
 
 impl SiteRuntime {
@@ -55,6 +58,7 @@ impl SiteRuntime {
             .iter()
             .map(|l| LocationRuntime {
                 name: Arc::from(l.name.as_str()),
+                metrics: Arc::new(crate::metrics::LocationMetrics::new(&site.name, &l.name)),
                 target: l.target.clone(),
                 client: match &l.target {
                     Target::Upstream(u) => clients.get(&u.name).cloned(),
@@ -74,6 +78,7 @@ impl SiteRuntime {
                 ))
             })
             .collect();
+        let unmatched = Arc::new(crate::metrics::LocationMetrics::new(&site.name, "none"));
         SiteRuntime {
             name: Arc::from(site.name.as_str()),
             config: site,
@@ -81,6 +86,7 @@ impl SiteRuntime {
             locations,
             headers,
             idle,
+            unmatched,
         }
     }
 
@@ -139,9 +145,9 @@ pub async fn handle(
             .map(str::to_string),
     };
     let unmatched = |loc: &str, err: ProxyError| {
+        let _ = loc;
         let mut ex = Exchange::new(
-            site.name.clone(),
-            Arc::from(loc),
+            site.unmatched.clone(),
             method,
             path.clone(),
             protocol,
@@ -166,8 +172,7 @@ pub async fn handle(
     };
     let loc = &site.locations[idx];
     let mut ex = Exchange::new(
-        site.name.clone(),
-        loc.name.clone(),
+        loc.metrics.clone(),
         method,
         path.clone(),
         protocol,
@@ -226,7 +231,7 @@ pub async fn handle(
                     req,
                     &client,
                     &site.config,
-                    &loc.name,
+                    &loc.metrics,
                     &authority,
                     conn.client,
                     progress,
@@ -336,7 +341,7 @@ async fn forward(
     req: Request<Incoming>,
     client: &UpstreamClient,
     site: &Site,
-    location: &str,
+    location: &crate::metrics::LocationMetrics,
     authority: &str,
     client_ip: IpAddr,
     progress: Arc<RequestProgress>,
@@ -376,7 +381,7 @@ async fn forward(
     if h2c {
         headers.remove(header::HOST);
     }
-    let counter = metrics::counter!(m::HTTP_BODY_BYTES, "site" => site.name.clone(), "location" => location.to_string(), "direction" => "request");
+    let counter = location.body_request.clone();
     let build = |body: RequestBody| {
         let mut r = Request::new(body);
         *r.method_mut() = parts.method.clone();

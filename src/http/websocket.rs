@@ -203,9 +203,8 @@ pub async fn proxy(
                 return;
             }
         };
-        let labels = (ex.site.to_string(), ex.location.to_string());
-        let to_up = metrics::counter!(m::WEBSOCKET_MESSAGES, "site" => labels.0.clone(), "location" => labels.1.clone(), "direction" => "client_to_upstream");
-        let to_client = metrics::counter!(m::WEBSOCKET_MESSAGES, "site" => labels.0, "location" => labels.1, "direction" => "upstream_to_client");
+        let to_up = ex.metrics.ws_to_upstream.clone();
+        let to_client = ex.metrics.ws_to_client.clone();
         let mut c = Framed::new(TokioIo::new(c), to_up);
         let mut u = Framed::new(TokioIo::new(u), to_client);
         let result = tokio::select! {
