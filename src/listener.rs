@@ -169,7 +169,12 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, label: Arc<str>, shared
         listener: label.clone(),
     };
     if listen.accept_proxy {
-        if let Err(reason) = inbound_proxy(&mut stream, &mut buf, &listen, &mut info, cfg).await {
+        let read = tokio::select! {
+            r = inbound_proxy(&mut stream, &mut buf, &listen, &mut info, cfg) => r,
+            // Shutting down: nothing was asked of us yet, so nothing to drain.
+            _ = shared.shutdown.cancelled() => return,
+        };
+        if let Err(reason) = read {
             metrics::counter!(m::PROXY_HEADER_FAILURES, "listener" => label.to_string(), "reason" => reason).increment(1);
             reject(&label, "none");
             return;
@@ -177,7 +182,14 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, label: Arc<str>, shared
     }
 
     let remaining = deadline.saturating_sub(started.elapsed());
-    let peeked = hello::peek(&mut stream, &mut buf, remaining).await;
+    let peeked = tokio::select! {
+        p = hello::peek(&mut stream, &mut buf, remaining) => p,
+        // Like an idle keep-alive connection: no request yet, close at once.
+        _ = shared.shutdown.cancelled() => {
+            debug!(client = %info.client, "shutting down before the first bytes; closing");
+            return;
+        }
+    };
     drop(pending);
     let peeked = match peeked {
         Ok(p) => Some(p),

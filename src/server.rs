@@ -198,6 +198,17 @@ pub async fn run(generation: Generation, metrics: Option<PrometheusHandle>) -> a
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
         }
     }
-    server.shutdown().await;
+    // A second SIGTERM/SIGINT during the drain cuts it short.
+    let hard_stop = server.shared.hard_stop.clone();
+    let drain = server.shutdown();
+    tokio::pin!(drain);
+    tokio::select! {
+        _ = &mut drain => {}
+        _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
+            warn!("second signal: closing open connections now");
+            hard_stop.cancel();
+            drain.await;
+        }
+    }
     Ok(())
 }

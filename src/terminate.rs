@@ -90,8 +90,11 @@ pub async fn serve(
         return;
     };
     let cfg = &gen.config;
-    let handshake =
-        tokio::time::timeout(cfg.timeouts.tls_handshake, entry.acceptor.accept(io)).await;
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(cfg.timeouts.tls_handshake, entry.acceptor.accept(io)) => r,
+        // No request can be in progress before the handshake is done.
+        _ = shared.shutdown.cancelled() => return,
+    };
     let mut tls = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -120,7 +123,10 @@ pub async fn serve(
     if let Some(backend) = entry.http.config.non_http.clone() {
         // The first decrypted bytes decide: HTTP goes to the HTTP server,
         // anything else (VLESS, Trojan, ...) to the non_http backend.
-        let peeked = hello::peek(&mut tls, &mut first, cfg.timeouts.request_header).await;
+        let peeked = tokio::select! {
+            p = hello::peek(&mut tls, &mut first, cfg.timeouts.request_header) => p,
+            _ = shared.shutdown.cancelled() => return,
+        };
         match peeked {
             Ok(Peeked::Http) => {}
             Ok(_) | Err(hello::PeekError::Detect(_)) => {

@@ -76,7 +76,7 @@ fn figment_error(source: &str, err: figment::Error) -> ConfigError {
         .as_ref()
         .is_some_and(|m| m.name.contains("environment"));
     let key = key_path(&err.path);
-    let mut reason = err.kind.to_string();
+    let mut reason = one_line(&err.kind.to_string());
     if from_env {
         reason.push_str(" (from a PORTICO_ environment variable)");
     }
@@ -84,6 +84,30 @@ fn figment_error(source: &str, err: figment::Error) -> ConfigError {
         source: source.to_string(),
         key,
         reason,
+    }
+}
+
+/// toml's parse errors span several lines (a source excerpt with a caret
+/// under the column); keep the position and the explanation on one line, e.g.
+/// "TOML parse error at line 6, column 8: invalid table header, expected ..."
+fn one_line(reason: &str) -> String {
+    let parts: Vec<&str> = reason
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        // The excerpt: "|", "6 | [[route]", "|        ^".
+        .filter(|l| {
+            !l.starts_with('|')
+                && !l.split_once('|').is_some_and(|(n, _)| {
+                    let n = n.trim();
+                    !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                })
+        })
+        .collect();
+    match parts.split_first() {
+        Some((first, rest)) if !rest.is_empty() => format!("{first}: {}", rest.join(", ")),
+        Some((first, _)) => (*first).to_string(),
+        None => reason.trim().to_string(),
     }
 }
 

@@ -733,3 +733,122 @@ impl Portico {
         self.child.id()
     }
 }
+
+// ---------------------------------------------------------------- operations: env, signals, reload, exit
+
+impl Portico {
+    /// Write `config` (plus the harness's `[admin]` table) and spawn
+    /// `portico run -c FILE` with extra environment variables, without
+    /// waiting for readiness (see [`Portico::wait_until_ready`]).
+    pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Portico {
+        let dir = TempDir::new();
+        let metrics = free_addr();
+        let config_path = dir.path().join("portico.toml");
+        std::fs::write(&config_path, with_admin(config, metrics)).expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = File::create(&stderr_path).expect("create stderr log");
+        let mut cmd = portico_command();
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn portico");
+        Portico {
+            child,
+            dir,
+            config_path,
+            stderr_path,
+            metrics,
+        }
+    }
+
+    /// [`Portico::spawn_with_env`], then wait until `/readyz` answers 200.
+    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Portico {
+        let mut p = Portico::spawn_with_env(config, env);
+        p.wait_ready().await;
+        p
+    }
+
+    /// Wait until `/readyz` answers 200 (panics if the process exits first).
+    pub async fn wait_until_ready(&mut self) {
+        self.wait_ready().await;
+    }
+
+    /// Replace the config file atomically (write a temp file, then rename),
+    /// keeping the harness's `[admin]` table. Does not signal.
+    pub fn rewrite_config(&self, config: &str) {
+        self.rewrite_config_raw(&with_admin(config, self.metrics));
+    }
+
+    /// Replace the config file atomically with exactly `text`.
+    pub fn rewrite_config_raw(&self, text: &str) {
+        let tmp = self.dir.path().join(".portico.toml.tmp");
+        std::fs::write(&tmp, text).expect("write temp config");
+        std::fs::rename(&tmp, &self.config_path).expect("rename config into place");
+    }
+
+    /// Send a signal by name (`HUP`, `TERM`, `INT`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .stdin(Stdio::null())
+            .status()
+            .expect("run kill(1)");
+        assert!(status.success(), "kill -{sig} {} failed", self.child.id());
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Wait up to `within` for the process to exit; `None` if still running.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.try_exit() {
+                return Some(s);
+            }
+            if started.elapsed() >= within {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Poll `/metrics` until `name{labels}` reaches at least `want`;
+    /// returns the value seen, or panics after `within`.
+    pub async fn wait_metric_at_least(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+        within: Duration,
+    ) -> f64 {
+        let started = Instant::now();
+        loop {
+            let v = self.metric(name, labels).await;
+            if v >= want {
+                return v;
+            }
+            if started.elapsed() > within {
+                panic!(
+                    "{name}{labels:?} is {v}, not >= {want}, after {within:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// `config` with the harness's `[admin]` table appended.
+pub fn with_admin(config: &str, metrics: SocketAddr) -> String {
+    format!("{config}\n[admin]\nmetrics = \"{metrics}\"\n")
+}
