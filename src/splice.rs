@@ -16,6 +16,12 @@ use tokio::net::{TcpStream, UnixStream};
 
 /// Bytes moved per splice call; a pipe holds 64 KiB by default.
 const CHUNK: usize = 64 * 1024;
+/// A direction starts with plain read/write through this small buffer and
+/// switches to splice once it has moved `SPLICE_AFTER` bytes: most tunnels
+/// are short (a handshake and a few requests), and for them the two pipes
+/// (four descriptors, six extra syscalls) would cost more than they save.
+const SMALL_BUF: usize = 16 * 1024;
+const SPLICE_AFTER: u64 = 256 * 1024;
 
 /// A tokio socket whose readiness we can wait on and whose fd we can splice.
 pub trait Socket: AsFd {
@@ -73,6 +79,48 @@ pub async fn one_way<S: Socket, D: Socket>(
     total: &AtomicU64,
     mut on_bytes: impl FnMut(u64),
 ) -> io::Result<()> {
+    let mut moved = 0u64;
+    // Held only while data is flowing: an idle tunnel keeps no buffer.
+    let mut buf: Vec<u8> = Vec::new();
+    while moved < SPLICE_AFTER {
+        let n = loop {
+            src.ready_read().await?;
+            if buf.is_empty() {
+                buf = vec![0u8; SMALL_BUF];
+            }
+            match src.try_io_with(Interest::READABLE, || {
+                rustix::io::read(src.as_fd(), &mut buf[..]).map_err(io::Error::from)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            return shutdown_write(dst);
+        }
+        let mut off = 0;
+        while off < n {
+            dst.ready_write().await?;
+            match dst.try_io_with(Interest::WRITABLE, || {
+                rustix::io::write(dst.as_fd(), &buf[off..n]).map_err(io::Error::from)
+            }) {
+                Ok(m) => {
+                    off += m;
+                    total.fetch_add(m as u64, Ordering::Relaxed);
+                    on_bytes(m as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        moved += n as u64;
+        if n < SMALL_BUF {
+            buf = Vec::new();
+        }
+    }
+    drop(buf);
+
     let (pipe_r, pipe_w) = pipe()?;
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     loop {
@@ -88,9 +136,7 @@ pub async fn one_way<S: Socket, D: Socket>(
             }
         };
         if n == 0 {
-            rustix::net::shutdown(dst.as_fd(), rustix::net::Shutdown::Write)
-                .map_err(io::Error::from)?;
-            return Ok(());
+            return shutdown_write(dst);
         }
         // Drain the pipe into the destination.
         let mut left = n;
@@ -109,4 +155,9 @@ pub async fn one_way<S: Socket, D: Socket>(
             }
         }
     }
+}
+
+/// Propagate EOF: the peer's read side ends, the other direction stays open.
+fn shutdown_write<D: Socket>(dst: &D) -> io::Result<()> {
+    rustix::net::shutdown(dst.as_fd(), rustix::net::Shutdown::Write).map_err(io::Error::from)
 }
