@@ -55,6 +55,20 @@ impl Server {
         for l in &cfg.listeners {
             server.open(l.addr)?;
         }
+        if let Some(handle) = metrics.clone() {
+            // Histogram samples queue up in the recorder until upkeep folds
+            // them into buckets: without it memory grows with every request.
+            let stop = server.shared.shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => handle.run_upkeep(),
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            });
+        }
         if let (Some(addr), Some(handle)) = (cfg.admin.metrics, metrics) {
             let sock =
                 admin::bind(addr).with_context(|| format!("cannot bind admin.metrics {addr}"))?;
