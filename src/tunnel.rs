@@ -167,8 +167,15 @@ impl<S: AsyncWrite> AsyncWrite for Metered<S> {
 }
 
 /// Join two streams until both directions end, an error, or `idle` without
-/// a byte either way. Used for upgraded HTTP connections.
-pub async fn join_with_idle<A, B>(a: &mut A, b: &mut B, idle: Duration) -> Result<(), String>
+/// a byte either way. Used for upgraded HTTP connections. A direction ends
+/// at EOF, passed on as a write shutdown; with `linger`, once one direction
+/// has ended the other gets at most that long to end as well.
+pub async fn join_with_idle<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Duration,
+    linger: Option<Duration>,
+) -> Result<(), String>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -177,17 +184,57 @@ where
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
     });
-    let mut a = Touching {
+    let a = Touching {
         inner: a,
         activity: activity.clone(),
     };
-    let mut b = Touching {
+    let b = Touching {
         inner: b,
         activity: activity.clone(),
     };
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let a_to_b = async move {
+        eof_is_end(tokio::io::copy(&mut ar, &mut bw).await)?;
+        bw.shutdown().await
+    };
+    let b_to_a = async move {
+        eof_is_end(tokio::io::copy(&mut br, &mut aw).await)?;
+        aw.shutdown().await
+    };
+    let watchdog = idle_watchdog(&activity, idle);
+    tokio::pin!(a_to_b, b_to_a, watchdog);
+    let a_done = tokio::select! {
+        r = &mut a_to_b => { r.map_err(|e| e.to_string())?; true }
+        r = &mut b_to_a => { r.map_err(|e| e.to_string())?; false }
+        _ = &mut watchdog => return Err("idle timeout".into()),
+    };
+    let rest = async {
+        if a_done {
+            b_to_a.as_mut().await
+        } else {
+            a_to_b.as_mut().await
+        }
+    };
+    let linger = async {
+        match linger {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut a, &mut b) => r.map(|_| ()).map_err(|e| e.to_string()),
-        _ = idle_watchdog(&activity, idle) => Err("idle timeout".into()),
+        r = rest => r.map_err(|e| e.to_string()),
+        _ = linger => Ok(()),
+        _ = &mut watchdog => Err("idle timeout".into()),
+    }
+}
+
+/// A TLS peer that closes without close_notify (most WebSocket clients do
+/// after the close handshake) has ended its stream, not failed it.
+fn eof_is_end(r: io::Result<u64>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => Err(e),
+        _ => Ok(()),
     }
 }
 

@@ -279,6 +279,18 @@ fn status_label(status: u16) -> metrics::SharedString {
 impl Drop for Exchange {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
+        if self.status == 0 {
+            // Dropped before any response head: the client went away (connection
+            // closed, h2 stream reset) while the upstream had not answered yet.
+            // Count it like nginx's 499 so cancelled requests reach dashboards.
+            self.status = 499;
+            self.error
+                .get_or_insert_with(|| "client closed the request before the response head".into());
+            metrics::counter!(m::HTTP_REQUESTS,
+                "site" => self.metrics.site.to_string(), "location" => self.metrics.location.to_string(),
+                "method" => self.method, "status" => "499", "protocol" => self.protocol)
+            .increment(1);
+        }
         if self._active.is_some() {
             self.metrics.duration[self.kind.index()].record(elapsed.as_secs_f64());
         }
@@ -317,6 +329,9 @@ pub struct ResponseBody {
     source: Source,
     exchange: Option<Box<Exchange>>,
     sse: Option<SseCounter>,
+    /// `portico_upstream_failures_total{reason="reset"}` of the upstream
+    /// this body comes from, for a failure mid-body.
+    upstream_reset: Option<metrics::Counter>,
 }
 
 impl ResponseBody {
@@ -325,6 +340,7 @@ impl ResponseBody {
             source: Source::Empty,
             exchange: None,
             sse: None,
+            upstream_reset: None,
         }
     }
 
@@ -333,6 +349,7 @@ impl ResponseBody {
             source: Source::Full(Some(b.into())),
             exchange: None,
             sse: None,
+            upstream_reset: None,
         }
     }
 
@@ -341,7 +358,16 @@ impl ResponseBody {
             source: Source::Upstream(b),
             exchange: None,
             sse: None,
+            upstream_reset: None,
         }
+    }
+
+    /// A body from upstream `name`: an error while it streams counts as a reset.
+    pub fn from_upstream(b: Incoming, name: &str) -> Self {
+        let mut body = ResponseBody::upstream(b);
+        body.upstream_reset = Some(metrics::counter!(m::UPSTREAM_FAILURES,
+            "upstream" => name.to_string(), "reason" => "reset"));
+        body
     }
 
     /// Attach the exchange: from now on bytes are counted and the access log
@@ -371,6 +397,9 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(ex) = this.exchange.as_mut() {
                         ex.error = Some(format!("upstream body: {e}"));
+                    }
+                    if let Some(c) = this.upstream_reset.take() {
+                        c.increment(1);
                     }
                     Poll::Ready(Some(Err(Box::new(e) as BoxError)))
                 }

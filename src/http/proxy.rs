@@ -245,7 +245,7 @@ pub async fn handle(
                             StreamKind::Http
                         };
                         ex.respond(r.status().as_u16(), kind);
-                        r.map(ResponseBody::upstream)
+                        r.map(|b| ResponseBody::from_upstream(b, &client.config.name))
                     }
                     Err(err) => {
                         if let Some(reason) = err.upstream_reason() {

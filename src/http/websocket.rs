@@ -22,6 +22,10 @@ use super::proxy::{finish, ConnContext, SiteRuntime};
 use super::upstream::UpstreamClient;
 use crate::metrics as m;
 
+/// How long the other side of a WebSocket may stay open after one side
+/// closed its connection (after the close handshake, normally).
+const WEBSOCKET_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Is this a WebSocket (or other) upgrade request, in either protocol?
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     if req.version() == Version::HTTP_2 {
@@ -41,15 +45,13 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// A fresh `Sec-WebSocket-Key` for bridged h2 requests (a nonce; RFC 6455 §4.1).
 fn new_key() -> String {
     use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
     let mut bytes = [0u8; 16];
     for chunk in bytes.chunks_mut(8) {
-        // RandomState is seeded from the OS per instance.
+        // Each RandomState is seeded with fresh keys from the OS.
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(
-            std::time::SystemTime::now()
-                .elapsed()
-                .map_or(0, |d| d.as_nanos() as u64),
-        );
+        h.write_u64(SEQ.fetch_add(1, Ordering::Relaxed));
         chunk.copy_from_slice(&h.finish().to_le_bytes());
     }
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -168,6 +170,21 @@ pub async fn proxy(
         }
     };
     if up_resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        if h2 && up_resp.status().is_success() {
+            // RFC 8441 §5: on h2 a 2xx means "tunnel open", so a success
+            // status that refuses the upgrade cannot be relayed as is (hyper
+            // would reset the stream with INTERNAL_ERROR).
+            return fail(
+                ex,
+                ProxyError::UpstreamProtocol {
+                    upstream: client.config.name.clone(),
+                    detail: format!(
+                        "answered the WebSocket upgrade with {} instead of 101",
+                        up_resp.status()
+                    ),
+                },
+            );
+        }
         // A refused upgrade is relayed as is, body included.
         let mut resp = up_resp.map(ResponseBody::upstream);
         headers::strip_hop_by_hop(resp.headers_mut());
@@ -191,8 +208,15 @@ pub async fn proxy(
     for (k, v) in &site.headers {
         resp.headers_mut().insert(k.clone(), v.clone());
     }
-    ex.respond(101, StreamKind::WebSocket);
+    // The h2 client got 200 (RFC 8441), the HTTP/1.1 client 101.
+    ex.respond(if h2 { 200 } else { 101 }, StreamKind::WebSocket);
     let idle = site.idle;
+    // Once one side of a WebSocket has closed, nothing the other still
+    // sends can be delivered: give it a moment to close too, not `idle`.
+    // Other upgrades keep TCP half-close semantics.
+    let linger = protocol_name
+        .eq_ignore_ascii_case("websocket")
+        .then_some(WEBSOCKET_LINGER);
     let hard_stop = conn_ctx.hard_stop.clone();
     conn_ctx.tasks.spawn(async move {
         let (c, u) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -205,13 +229,17 @@ pub async fn proxy(
         };
         let to_up = ex.metrics.ws_to_upstream.clone();
         let to_client = ex.metrics.ws_to_client.clone();
-        let mut c = Framed::new(TokioIo::new(c), to_up);
-        let mut u = Framed::new(TokioIo::new(u), to_client);
+        let mut c = Framed::new(TokioIo::new(c), to_up, ex.metrics.body_request.clone());
+        let mut u = Framed::new(TokioIo::new(u), to_client, ex.metrics.body_response.clone());
         let result = tokio::select! {
-            r = crate::tunnel::join_with_idle(&mut c, &mut u, idle) => r,
+            r = crate::tunnel::join_with_idle(&mut c, &mut u, idle, linger) => r,
             _ = hard_stop.cancelled() => Err("shutdown".to_string()),
         };
         ex.response_bytes = u.bytes;
+        // The client's frames are this exchange's request bytes.
+        ex.request
+            .bytes
+            .fetch_add(c.bytes, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = result {
             ex.error = Some(e);
         }
@@ -301,16 +329,20 @@ pin_project_lite::pin_project! {
         inner: S,
         tracker: FrameTracker,
         counter: metrics::Counter,
+        bytes_counter: metrics::Counter,
         pub bytes: u64,
     }
 }
 
 impl<S> Framed<S> {
-    pub fn new(inner: S, counter: metrics::Counter) -> Self {
+    /// `counter` counts messages; `bytes_counter` the raw frame bytes
+    /// (`portico_http_body_bytes_total`, so WebSocket traffic shows as throughput).
+    pub fn new(inner: S, counter: metrics::Counter, bytes_counter: metrics::Counter) -> Self {
         Framed {
             inner,
             tracker: FrameTracker::default(),
             counter,
+            bytes_counter,
             bytes: 0,
         }
     }
@@ -328,6 +360,7 @@ impl<S: AsyncRead> AsyncRead for Framed<S> {
         let new = &buf.filled()[before..];
         if !new.is_empty() {
             *this.bytes += new.len() as u64;
+            this.bytes_counter.increment(new.len() as u64);
             let n = this.tracker.feed(new);
             if n > 0 {
                 this.counter.increment(n);

@@ -385,6 +385,77 @@ check_still_running() {
     [[ $bad -eq 0 ]]
 }
 
+# Issue 3: curl -> portico (terminates api.test, PEM certificate) -> nginx origin over
+# plain HTTP. WANT is curl's %{http_version}; VIA tags the request so that its line can
+# be found in nginx's origin log, which must show what portico forwarded.
+check_origin_curl() {
+    local want=$1 via=$2 w rc line
+    shift 2
+    w=$($TO curl -sS -k --resolve "api.test:$P_TERM:127.0.0.1" -o "$WORK/body" \
+        -w '%{http_code} %{http_version}' -H 'X-Real-IP: 203.0.113.9' "$@" \
+        "https://api.test:$P_TERM/?via=$via" 2>"$WORK/curl.err")
+    rc=$?
+    [[ $rc -eq 0 ]] || fail "curl exited $rc: $(tail -n1 "$WORK/curl.err")" || return
+    read -r CODE HTTP_VERSION <<<"$w"
+    BODY=$(cat "$WORK/body")
+    [[ $CODE == 200 && $BODY == origin-ok ]] ||
+        fail "got $CODE '${BODY:0:80}', want 200 'origin-ok' from nginx" || return
+    [[ $HTTP_VERSION == "$want" ]] || fail "curl's HTTP version $HTTP_VERSION, want $want" || return
+    line=$(wait_for_line "$WORK/nginx/origin.log" "^uri=/\\?via=$via ") ||
+        fail "no line for /?via=$via in nginx's origin log" || return
+    echo "nginx: $line"
+    [[ $line == *" xff=127.0.0.1 "* ]] ||
+        fail "X-Forwarded-For at the origin: '$(grep -o 'xff=[^ ]*' <<<"$line")', want xff=127.0.0.1" || return
+    [[ $line == *" xfp=https "* ]] ||
+        fail "X-Forwarded-Proto at the origin: '$(grep -o 'xfp=[^ ]*' <<<"$line")', want xfp=https" || return
+    [[ $line == *" xri=127.0.0.1 "* ]] ||
+        fail "X-Real-IP at the origin: '$(grep -o 'xri=[^ ]*' <<<"$line")', want the client's 127.0.0.1 (the client sent 203.0.113.9)" ||
+        return
+    [[ $line == *" host=api.test:$P_TERM "* ]] ||
+        fail "Host at the origin: '$(grep -o 'host=[^ ]*' <<<"$line")', want host=api.test:$P_TERM (as the client sent it)" ||
+        return
+}
+
+# Issue 4: SSE through portico is not buffered: with curl -N, event 1 (written by the
+# Python origin 1 s before event 2) must reach the client at least 0.8 s before it.
+# The time of each line is taken by the reader that runs curl (interop.py stamp).
+check_sse() {
+    local out="$WORK/sse-$1.stamps" rc gap
+    shift
+    $TO "$PY" "$WORK/interop.py" stamp curl -sS -N -k --resolve "api.test:$P_TERM:127.0.0.1" "$@" \
+        "https://api.test:$P_TERM/sse" >"$out" 2>"$WORK/curl.err"
+    rc=$?
+    cat "$out"
+    [[ $rc -eq 0 ]] || fail "curl (under interop.py stamp) exited $rc: $(tail -n1 "$WORK/curl.err")" || return
+    gap=$(awk '$2 == "data:" && $3 == "1" { a = $1 } $2 == "data:" && $3 == "2" { b = $1 }
+        END { if (a == "" || b == "") print "missing"; else printf "%.3f\n", b - a }' "$out")
+    [[ $gap != missing ]] || fail "the stream lacks 'data: 1' or 'data: 2' (output above)" || return
+    echo "event 2 arrived ${gap}s after event 1"
+    awk -v g="$gap" 'BEGIN { exit !(g >= 0.8) }' ||
+        fail "event 1 arrived only ${gap}s before event 2 (the origin wrote them 1 s apart): buffered" || return
+}
+
+# Issue 4: a Python websockets client (wss, no certificate check, no ALPN) through portico
+# to a Python websockets echo server: 3 messages back and forth, then close code 1000.
+check_websocket() {
+    $TO "$PY" "$WORK/interop.py" wsclient "$P_TERM" || fail "WebSocket exchange through portico failed (above)"
+}
+
+# Issue 5: promtool accepts portico's exposition as it is, without a single lint remark.
+# The scrape is taken after traffic, so counters, gauges and histograms all appear.
+check_promtool() {
+    local port=$1 name=$2 file="$WORK/metrics-$2.txt" out rc
+    command -v promtool >/dev/null || fail "promtool not found (scripts/test-all installs the prometheus package)" || return
+    $TO curl -sS -o "$file" "http://127.0.0.1:$port/metrics" || fail "curl /metrics failed" || return
+    grep -q '_bucket{' "$file" || fail "no histogram in the scrape of $name: no traffic yet?" || return
+    echo "$(grep -c '^portico_' "$file") samples, $(grep -c '^# TYPE' "$file") families"
+    out=$(promtool check metrics <"$file" 2>&1)
+    rc=$?
+    [[ -z $out ]] || printf '%s\n' "$out"
+    [[ $rc -eq 0 ]] || fail "promtool check metrics exited $rc on the $name scrape (above)" || return
+    [[ -z $out ]] || fail "promtool check metrics remarks on the $name scrape (above)" || return
+}
+
 # ------------------------------------------------------------------ setup
 
 setup() {
@@ -408,6 +479,7 @@ setup() {
 
     # nginx: one process, one server block per role.
     free_port N_V1 && free_port N_V2 && free_port N_A && free_port N_B && free_port N_STATUS || return
+    free_port N_ORIGIN || return
     mkdir -p "$WORK/nginx"
     {
         nginx_main "$WORK/nginx"
@@ -436,6 +508,13 @@ setup() {
         ssl_certificate $WORK/b.crt;
         ssl_certificate_key $WORK/b.key;
         location / { return 200 "B\n"; }
+    }
+    # Origin behind portico's terminated site: what portico forwarded, per request.
+    log_format origin 'uri=\$request_uri xff=\$http_x_forwarded_for xfp=\$http_x_forwarded_proto xri=\$http_x_real_ip host=\$http_host proto=\$server_protocol';
+    server {   # plain-HTTP origin for the terminated site api.test
+        listen 127.0.0.1:$N_ORIGIN;
+        access_log $WORK/nginx/origin.log origin;
+        location / { return 200 "origin-ok\n"; }
     }
     server {   # stub_status: how many connections nginx has accepted
         listen 127.0.0.1:$N_STATUS;
@@ -515,6 +594,146 @@ EOF
     } >"$file"
 }
 
+# setup_terminate: the site api.test terminated by portico with a PEM certificate, in front
+# of nginx (/), the Python SSE origin (/sse) and the Python WebSocket echo (/v1/responses).
+setup_terminate() {
+    make_cert api api.test DNS:api.test >/dev/null || return
+    write_interop_py || return
+    free_port PY_SSE && free_port PY_WS && free_port P_TERM && free_port M_TERM || return
+    portico_config "$WORK/terminate.toml" "$P_TERM" "" "$M_TERM" <<EOF2
+[[route]]
+sni = ["api.test"]
+terminate = "api"
+
+[site.api]
+cert = "$WORK/api.crt"
+key = "$WORK/api.key"
+
+[[site.api.location]]
+path = "/sse"
+upstream = "py_sse"
+
+[[site.api.location]]
+path = "/v1/responses"
+match = "exact"
+upstream = "py_ws"
+
+[[site.api.location]]
+path = "/"
+upstream = "nginx_origin"
+
+[upstream.nginx_origin]
+url = "http://127.0.0.1:$N_ORIGIN"
+
+[upstream.py_sse]
+url = "http://127.0.0.1:$PY_SSE"
+
+[upstream.py_ws]
+url = "http://127.0.0.1:$PY_WS"
+EOF2
+}
+
+# start_py_origins: the Python SSE origin and WebSocket echo server.
+start_py_origins() {
+    "$PY" -c 'import websockets' 2>&1 ||
+        fail "$PY has no websockets module (scripts/test-all creates target/interop-venv with it)" || return
+    spawn py-sse "$WORK/py-sse.log" "$PY" "$WORK/interop.py" sse "$PY_SSE"
+    wait_ports "$LAST_PID" py-sse "$WORK/py-sse.log" "$PY_SSE" || return
+    spawn py-ws "$WORK/py-ws.log" "$PY" "$WORK/interop.py" wsecho "$PY_WS"
+    wait_ports "$LAST_PID" py-ws "$WORK/py-ws.log" "$PY_WS"
+}
+
+# write_interop_py: $WORK/interop.py, the Python side of the SSE and WebSocket checks.
+#   sse PORT      HTTP origin: `data: 1`, 1 s pause, `data: 2` (text/event-stream)
+#   wsecho PORT   websockets echo server
+#   wsclient PORT websockets client through portico (wss://api.test:PORT/v1/responses)
+#   stamp CMD...  run CMD; print each line of its stdout as it arrives, prefixed with
+#                 the seconds since CMD started (Python is up before CMD runs)
+write_interop_py() {
+    cat >"$WORK/interop.py" <<'PYEOF'
+import asyncio, socket, ssl, sys, time
+
+
+def sse(port):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            self.wfile.write(b"data: 1\n\n")
+            self.wfile.flush()
+            time.sleep(1)
+            self.wfile.write(b"data: 2\n\n")
+            self.wfile.flush()
+
+        def log_message(self, fmt, *args):
+            sys.stderr.write("sse origin: " + (fmt % args) + "\n")
+
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
+async def wsecho(port):
+    import websockets
+
+    async def echo(ws, *_path):
+        async for message in ws:
+            await ws.send(message)
+
+    async with websockets.serve(echo, "127.0.0.1", port):
+        await asyncio.Future()
+
+
+async def wsclient(port):
+    import websockets
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    uri = "wss://api.test:%d/v1/responses" % port
+    async with websockets.connect(uri, sock=sock, ssl=ctx, server_hostname="api.test", open_timeout=5) as ws:
+        for i in range(3):
+            sent = "message %d" % i
+            await ws.send(sent)
+            got = await asyncio.wait_for(ws.recv(), 5)
+            print("sent %r, got %r" % (sent, got))
+            if got != sent:
+                sys.exit("echo mismatch: sent %r, got %r" % (sent, got))
+        await asyncio.wait_for(ws.close(code=1000, reason="done"), 5)
+        print("close code received: %s" % ws.close_code)
+        if ws.close_code != 1000:
+            sys.exit("closing handshake ended with code %s, want 1000" % ws.close_code)
+
+
+def stamp(cmd):
+    import subprocess
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    for line in iter(proc.stdout.readline, b""):
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        print("%.3f %s" % (time.monotonic() - t0, text), flush=True)
+    return proc.wait()
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "sse":
+        sse(int(sys.argv[2]))
+    elif mode == "wsecho":
+        asyncio.run(wsecho(int(sys.argv[2])))
+    elif mode == "wsclient":
+        asyncio.run(wsclient(int(sys.argv[2])))
+    elif mode == "stamp":
+        sys.exit(stamp(sys.argv[2:]))
+    else:
+        sys.exit("unknown mode " + mode)
+PYEOF
+}
+
 # ------------------------------------------------------------------ main
 
 echo "# portico interop: $PORTICO_BIN ($($TO "${PORTICO_ENV[@]}" "$PORTICO_BIN" --version 2>/dev/null || echo 'no --version')), temp $WORK"
@@ -546,6 +765,23 @@ check "pass: curl --http2 reaches A over h2" check_alpn_curl "$P_ALPN" /alpn-h2 
 check "pass: curl --http1.1 reaches B over HTTP/1.1" check_alpn_curl "$P_ALPN" /alpn-h1 B 1.1 --http1.1
 check "reject: unknown SNI without catch-all is closed before any certificate, nginx untouched" \
     check_unknown_sni "$P_V1"
+
+# Issues 3 and 4: TLS termination in front of real origins.
+check "setup: terminated site api.test (PEM certificate), its config and Python script" setup_terminate
+check "setup: Python SSE origin and WebSocket echo start" start_py_origins
+check "portico check accepts terminate.toml" portico_check "$WORK/terminate.toml"
+check "setup: portico starts with terminate.toml" start_portico "$WORK/terminate.toml"
+check "terminate: curl --http2 gets nginx's origin-ok over h2; nginx sees X-Forwarded-* from portico" \
+    check_origin_curl 2 h2 --http2
+check "terminate: curl --http1.1 gets nginx's origin-ok over HTTP/1.1; nginx sees X-Forwarded-*" \
+    check_origin_curl 1.1 h1 --http1.1
+check "terminate: SSE over h2 is not buffered (curl -N, events 1 s apart)" check_sse h2 --http2
+check "terminate: SSE over HTTP/1.1 is not buffered (curl -N, events 1 s apart)" check_sse h1 --http1.1
+check "terminate: WebSocket (Python websockets, wss) echoes 3 messages, closes with 1000" check_websocket
+
+# Issue 5: the exposition format, after traffic, passes promtool's checks and lint.
+check "metrics: promtool check metrics is silent on the terminating instance" check_promtool "$M_TERM" terminate
+check "metrics: promtool check metrics is silent on a passthrough instance" check_promtool "$M_V1" pp-v1
 
 check "admin: GET /metrics answers 200" check_metrics_endpoint "$M_V1"
 check "portico and nginx still running after all checks" check_still_running
