@@ -66,7 +66,12 @@ impl Sites {
                 name.clone(),
                 SiteEntry {
                     acceptor: TlsAcceptor::from(tls),
-                    http: Arc::new(SiteRuntime::new(site.clone(), &clients, cfg.timeouts.idle)),
+                    http: Arc::new(SiteRuntime::new(
+                        site.clone(),
+                        &clients,
+                        cfg.timeouts.idle,
+                        cfg.limits.max_uri_length,
+                    )),
                 },
             );
         }

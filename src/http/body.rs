@@ -30,6 +30,8 @@ pub struct RequestProgress {
 
 /// The client's request body on its way upstream.
 pub struct RequestBody {
+    /// A frame already read (and counted) before forwarding; returned first.
+    pending: Option<Frame<Bytes>>,
     inner: Option<Incoming>,
     limit: Option<u64>,
     progress: Arc<RequestProgress>,
@@ -44,6 +46,7 @@ impl RequestBody {
         counter: metrics::Counter,
     ) -> Self {
         RequestBody {
+            pending: None,
             inner: Some(inner),
             limit,
             progress,
@@ -53,10 +56,27 @@ impl RequestBody {
 
     pub fn empty() -> Self {
         RequestBody {
+            pending: None,
             inner: None,
             limit: None,
             progress: Arc::default(),
             counter: metrics::Counter::noop(),
+        }
+    }
+}
+
+impl RequestBody {
+    /// Read the first frame now (so a malformed chunked body is refused
+    /// before the upstream sees the request); it is replayed first.
+    pub async fn prime(&mut self) -> Result<(), BoxError> {
+        use http_body_util::BodyExt as _;
+        match self.frame().await {
+            Some(Ok(f)) => {
+                self.pending = Some(f);
+                Ok(())
+            }
+            Some(Err(e)) => Err(e),
+            None => Ok(()),
         }
     }
 }
@@ -70,6 +90,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(f) = this.pending.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };

@@ -16,6 +16,8 @@ pub enum ProxyError {
     MisdirectedHost(String),
     #[error("no location matches {0}")]
     NoLocation(String),
+    #[error("request target longer than {0} bytes")]
+    UriTooLong(usize),
     #[error("request body larger than the site's max_body ({0} bytes)")]
     BodyTooLarge(u64),
     #[error("WebSocket is disabled for this location; use plain HTTP")]
@@ -40,6 +42,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::NoLocation(_) => StatusCode::NOT_FOUND,
+            ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             // Codex and similar clients fall back to plain HTTP at once on
             // 426; 403/405 make them retry the WebSocket for seconds first.

@@ -57,7 +57,8 @@ where
         .timer(TokioTimer::new())
         .keep_alive(true)
         .header_read_timeout(opts.timeouts.request_header)
-        .max_buf_size(opts.limits.max_header_size.max(8192));
+        .max_buf_size(opts.limits.max_header_size.max(8192))
+        .max_headers(opts.limits.max_headers);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -38,6 +38,8 @@ pub struct SiteRuntime {
     pub locations: Vec<LocationRuntime>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub idle: std::time::Duration,
+    /// `limits.max_uri_length`: longer request targets get 414.
+    pub max_uri: usize,
     /// Metrics of requests no location takes (404, 421, 400): `location="none"`.
     pub unmatched: Arc<crate::metrics::LocationMetrics>,
 }
@@ -47,6 +49,7 @@ impl SiteRuntime {
         site: Arc<Site>,
         clients: &BTreeMap<String, Arc<UpstreamClient>>,
         idle: std::time::Duration,
+        max_uri: usize,
     ) -> SiteRuntime {
         let router = Router::new(
             site.locations
@@ -86,6 +89,7 @@ impl SiteRuntime {
             locations,
             headers,
             idle,
+            max_uri,
             unmatched,
         }
     }
@@ -160,6 +164,9 @@ pub async fn handle(
         ex.respond(resp.status().as_u16(), StreamKind::Http);
         finish(resp, ex, &site)
     };
+    if let Some(err) = check_request(&req, site.max_uri) {
+        return unmatched("none", err);
+    }
     let Some(authority) = authority else {
         return unmatched("none", ProxyError::BadRequest("missing Host header"));
     };
@@ -270,6 +277,41 @@ pub async fn handle(
     finish(resp, ex, &site)
 }
 
+/// Requests refused before routing: too long, ambiguous framing or Host.
+fn check_request<B>(req: &Request<B>, max_uri: usize) -> Option<ProxyError> {
+    let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target_len > max_uri {
+        return Some(ProxyError::UriTooLong(max_uri));
+    }
+    let h = req.headers();
+    if h.get_all(header::HOST).iter().count() > 1 {
+        return Some(ProxyError::BadRequest("more than one Host header"));
+    }
+    if let Some(host) = h.get(header::HOST) {
+        let valid = host
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<http::uri::Authority>().ok())
+            .is_some_and(|a| !a.as_str().contains('@'));
+        if !valid {
+            return Some(ProxyError::BadRequest("invalid Host header"));
+        }
+    }
+    // hyper accepts repeated identical Content-Length values; an
+    // intermediary that forwards them invites desync, so refuse.
+    if h.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
+        return Some(ProxyError::BadRequest(
+            "more than one Content-Length header",
+        ));
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Some(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    None
+}
+
 /// Site headers, then attach the exchange (metrics + access log) to the body.
 pub(super) fn finish(
     mut resp: Response<ResponseBody>,
@@ -370,6 +412,11 @@ async fn forward(
     let uri: Uri = format!("http://{uri_authority}{path}")
         .parse()
         .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    let chunked = parts.version == Version::HTTP_11
+        && parts
+            .headers
+            .get(header::TRANSFER_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
     let mut headers = parts.headers;
     headers::to_upstream(
         &mut headers,
@@ -394,12 +441,17 @@ async fn forward(
         *r.headers_mut() = headers.clone();
         r
     };
-    let first = build(RequestBody::new(
-        body,
-        site.max_body,
-        progress.clone(),
-        counter,
-    ));
+    let mut body = RequestBody::new(body, site.max_body, progress.clone(), counter);
+    if chunked {
+        if let Err(e) = body.prime().await {
+            if body_cut(&progress) {
+                return Err(ProxyError::BodyTooLarge(site.max_body.unwrap_or(0)));
+            }
+            tracing::debug!(error = %e, "malformed chunked request body");
+            return Err(ProxyError::BadRequest("malformed chunked request body"));
+        }
+    }
+    let first = build(body);
     match client.send(first).await {
         Ok(mut resp) => {
             headers::strip_hop_by_hop(resp.headers_mut());
