@@ -72,8 +72,14 @@ fn check(path: &Path) -> ExitCode {
 fn init_logging(cfg: &Config) {
     use tracing_subscriber::EnvFilter;
     // RUST_LOG, when set, wins over log.level.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    // rustls warns for every client that sends an IP address as SNI
+    // (scanners, load tools): keep its noise at error unless asked for.
+    let level = if cfg.log.level.contains("rustls") {
+        cfg.log.level.clone()
+    } else {
+        format!("{},rustls=error", cfg.log.level)
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
