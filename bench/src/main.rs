@@ -55,6 +55,12 @@ enum Mode {
         #[arg(long)]
         listen: String,
     },
+    /// Minimal keep-alive HTTP/1.1 origin: one fixed small response per
+    /// request head, so the origin never limits the fronts in M1/M2.
+    FastOrigin {
+        #[arg(long)]
+        listen: String,
+    },
     /// SSE client: `streams` streams, reports per-event added latency percentiles.
     Sse(http_side::SseArgs),
     /// WebSocket echo client: round-trip percentiles.
@@ -88,6 +94,7 @@ fn main() -> Result<()> {
             .await
             .context("deadline")?,
             Mode::Origin { listen } => http_side::origin(&listen).await,
+            Mode::FastOrigin { listen } => fast_origin(&listen).await,
             Mode::Sse(a) => http_side::sse(a).await,
             Mode::Ws(a) => http_side::ws(a).await,
         }
@@ -144,6 +151,45 @@ async fn sink(listen: &str, reply_after: usize) -> Result<()> {
                 }
             }
             let _ = s.shutdown().await;
+        });
+    }
+}
+
+async fn fast_origin(listen: &str) -> Result<()> {
+    const RESPONSE: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 18\r\n\r\nhello from origin\n";
+    let l = TcpListener::bind(listen).await?;
+    loop {
+        let (mut s, _) = l.accept().await?;
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut have = 0usize;
+            let mut out = Vec::with_capacity(RESPONSE.len() * 16);
+            loop {
+                let n = match s.read(&mut buf[have..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                have += n;
+                // Answer every complete head (requests to `/` carry no body).
+                let mut start = 0;
+                while let Some(end) = buf[start..have].windows(4).position(|w| w == b"\r\n\r\n") {
+                    start += end + 4;
+                    out.extend_from_slice(RESPONSE);
+                }
+                buf.copy_within(start..have, 0);
+                have -= start;
+                if have == buf.len() {
+                    return;
+                }
+                if !out.is_empty() {
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                }
+            }
         });
     }
 }
