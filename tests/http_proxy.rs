@@ -2006,3 +2006,143 @@ async fn embedded_default_without_arguments() {
     })
     .await;
 }
+
+// ------------------------------------------------- non_http and replays
+
+/// A site with `non_http`: decrypted bytes that are not HTTP (VLESS, Trojan)
+/// go to that backend after a PROXY v2 header; HTTP still reaches the site.
+#[tokio::test]
+async fn non_http_streams_go_to_their_backend() {
+    let _guard = SERIAL.read().await;
+    bounded(30, async {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        let listen = free_addr();
+        let cfg = config(
+            listen,
+            "non_http = \"vless\"\n[[site.api.location]]\npath = \"/\"\nrespond = { status = 200, body = \"http-here\" }\n",
+            &format!("[backend.vless]\naddr = \"{backend_addr}\"\nproxy_protocol = \"v2\"\n"),
+        );
+        let portico = Portico::start(&cfg).await;
+
+        // Not HTTP: a binary first byte, like VLESS's version byte.
+        let mut tls = tls_connect(listen, client_tls(&[b"h2", b"http/1.1"], BOTH_VERSIONS), "api.test", b"").await;
+        let client_local = tls.get_ref().0.local_addr().unwrap();
+        let payload = b"\x00\x01\x02vless-request-bytes";
+        tls.write_all(payload).await.unwrap();
+        let (mut up, _) = tokio::time::timeout(Duration::from_secs(5), backend.accept())
+            .await
+            .expect("non_http backend got no connection")
+            .unwrap();
+        let info = common::read_proxy_header(&mut up, common::Expect::V2)
+            .await
+            .expect("a PROXY v2 header")
+            .expect("with addresses");
+        assert_eq!(info.source, Some(client_local), "PROXY source is the TLS client");
+        assert_eq!(info.authority.as_deref(), Some("api.test"), "PROXY v2 authority TLV");
+        let mut got = vec![0u8; payload.len()];
+        up.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, payload, "the backend gets the decrypted bytes, unchanged");
+        up.write_all(b"pong").await.unwrap();
+        let mut back = [0u8; 4];
+        tls.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"pong");
+
+        // HTTP on the same site is served by the site.
+        let mut c = Client::connect(listen, Proto::H1).await;
+        let r = c.get("/").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(body_text(r).await, "http-here");
+        drop(portico);
+    })
+    .await;
+}
+
+/// An origin that answers the first request on each connection, then reads
+/// the next request and closes without answering: the race of a pooled
+/// connection the upstream closed under us.
+async fn one_answer_origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for answered in [true, false] {
+                    // Read one request head (and any small body that came with it).
+                    let head_end = loop {
+                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break p + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let line = head.lines().next().unwrap_or_default().to_string();
+                    log.lock().unwrap().push(line);
+                    buf.drain(..head_end);
+                    if answered {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+                            .await;
+                    }
+                }
+                // Second request read, never answered: close.
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_closed_pooled_connection_is_retried_only_for_safe_requests() {
+    let _guard = SERIAL.read().await;
+    bounded(30, async {
+        let (origin, seen) = one_answer_origin().await;
+        let listen = free_addr();
+        let portico = Portico::start(&proxy_config(listen, &format!("http://{origin}"))).await;
+        let mut c = Client::connect(listen, Proto::H1).await;
+
+        // GET, GET: the second goes out on the pooled connection, which the
+        // origin closes after reading it; portico replays it on a new one.
+        let r = c.get("/a").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(body_text(r).await, "first");
+        let r = c.get("/b").await;
+        assert_eq!(r.status(), 200, "a safe request is replayed once");
+        assert_eq!(body_text(r).await, "first");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec!["GET /a HTTP/1.1", "GET /b HTTP/1.1", "GET /b HTTP/1.1"],
+            "the GET was sent twice: once on the stale connection, once on a fresh one"
+        );
+
+        // A POST with a body is not replayed: the client gets 502.
+        seen.lock().unwrap().clear();
+        let r = c.get("/c").await; // fresh connection answered: pool it
+        assert_eq!(r.status(), 200);
+        let _ = body_text(r).await;
+        let req = c
+            .req(Method::POST, "/d")
+            .header(header::CONTENT_LENGTH, "4")
+            .body(full("data"))
+            .unwrap();
+        let r = c.send(req).await;
+        assert_eq!(r.status(), 502, "an unsafe request is not replayed");
+        let posts = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("POST"))
+            .count();
+        assert_eq!(posts, 1, "the POST reached the origin exactly once");
+        drop(portico);
+    })
+    .await;
+}
