@@ -259,11 +259,26 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, label: Arc<str>, shared
         }
         Action::Terminate(site) => {
             let prefixed = Prefixed::new(buf, stream);
-            crate::terminate::serve(prefixed, site, info, gen.clone(), shared.clone()).await;
+            // Boxed: the TLS + HTTP state machine is several KiB; passthrough
+            // connections should not carry (and copy) that space.
+            Box::pin(crate::terminate::serve(
+                prefixed,
+                site,
+                info,
+                gen.clone(),
+                shared.clone(),
+            ))
+            .await;
         }
         Action::Redirect => {
             let prefixed = Prefixed::new(buf, stream);
-            crate::terminate::redirect(prefixed, info, gen.clone(), shared.clone()).await;
+            Box::pin(crate::terminate::redirect(
+                prefixed,
+                info,
+                gen.clone(),
+                shared.clone(),
+            ))
+            .await;
         }
     }
 }

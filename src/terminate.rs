@@ -154,11 +154,12 @@ pub async fn serve(
                     idle: cfg.timeouts.idle,
                     splice: false,
                 };
-                tunnel::serve(
+                // Boxed so HTTP connections do not reserve the tunnel's space.
+                Box::pin(tunnel::serve(
                     tunnel::ClientSide::Stream(tls),
                     job,
                     shared.hard_stop.cancelled(),
-                )
+                ))
                 .await;
                 return;
             }

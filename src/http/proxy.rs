@@ -232,7 +232,8 @@ pub async fn handle(
                     ex.respond(r.status().as_u16(), StreamKind::Http);
                     return finish(r, ex, &site);
                 }
-                return websocket::proxy(req, client, &authority, &conn, ex, &site).await;
+                // Boxed: rare next to plain requests, and its state is large.
+                return Box::pin(websocket::proxy(req, client, &authority, &conn, ex, &site)).await;
             } else {
                 match forward(
                     req,
