@@ -221,13 +221,18 @@ pub async fn sse(a: SseArgs) -> Result<()> {
     let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let all_open = Arc::new(tokio::sync::Notify::new());
     let mut tasks = Vec::new();
-    for _ in 0..a.streams {
+    for i in 0..a.streams {
         let connect = a.connect.clone();
         let sni = a.sni.clone();
         let host = a.host.clone();
         let (opened, all_open, streams) = (opened.clone(), all_open.clone(), a.streams);
         let (events, interval) = (a.events, a.interval_ms);
+        // Spread the streams over one interval, as independent streams
+        // would be: otherwise every event of every stream fires in the same
+        // instant and the p99 measures the burst, not the front.
+        let offset = Duration::from_micros(interval * 1000 * i as u64 / a.streams.max(1) as u64);
         tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(offset).await;
             let mut lat = Vec::with_capacity(events as usize);
             let io = dial(&connect, sni.as_deref()).await?;
             let mut rd = BufReader::new(io);
