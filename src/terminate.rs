@@ -170,13 +170,20 @@ pub async fn serve(
         }
     }
 
+    let verdict = Arc::new(crate::http::framing::Verdict::default());
     let ctx = Arc::new(ConnContext {
         client: info.client.ip(),
+        verdict: verdict.clone(),
         tasks: shared.tasks.clone(),
         hard_stop: shared.hard_stop.clone(),
     });
     h::serve(
-        Prefixed::new(first, tls),
+        crate::http::framing::Framing::new(
+            Prefixed::new(first, tls),
+            cfg.limits.max_header_size,
+            verdict,
+            negotiated != Negotiated::H2,
+        ),
         entry.http.clone(),
         ctx,
         ServeOptions {

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod error;
+pub mod framing;
 pub mod headers;
 pub mod proxy;
 pub mod router;

@@ -102,6 +102,8 @@ impl SiteRuntime {
 /// Per-connection facts the handler needs.
 pub struct ConnContext {
     pub client: IpAddr,
+    /// Set by the HTTP/1.x framing guard when it refused a request head.
+    pub verdict: Arc<super::framing::Verdict>,
     /// Upgraded streams outlive their request: tracked for shutdown drains.
     pub tasks: tokio_util::task::TaskTracker,
     /// Cut upgraded streams when the shutdown grace period is over.
@@ -164,6 +166,9 @@ pub async fn handle(
         ex.respond(resp.status().as_u16(), StreamKind::Http);
         finish(resp, ex, &site)
     };
+    if let Some(refusal) = conn.verdict.get() {
+        return unmatched("none", ProxyError::BadRequest(refusal.message()));
+    }
     if let Some(err) = check_request(&req, site.max_uri) {
         return unmatched("none", err);
     }
