@@ -175,9 +175,11 @@ pub async fn handle(
     let Some(authority) = authority else {
         return unmatched("none", ProxyError::BadRequest("missing Host header"));
     };
-    let host = headers::host_name(&authority);
-    if !site.admits_host(&host) {
-        return unmatched("none", ProxyError::MisdirectedHost(host));
+    if !site.config.any_name {
+        let host = headers::host_name(&authority);
+        if !site.admits_host(&host) {
+            return unmatched("none", ProxyError::MisdirectedHost(host));
+        }
     }
     let Some(idx) = site.router.find(&path) else {
         return unmatched("none", ProxyError::NoLocation(path.clone()));
@@ -334,9 +336,8 @@ fn is_event_stream(h: &http::HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
+            let v = v.trim_start().as_bytes();
+            v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")
         })
 }
 
