@@ -85,11 +85,14 @@ pub async fn one_way<S: Socket, D: Socket>(
     while moved < SPLICE_AFTER {
         let n = loop {
             src.ready_read().await?;
-            if buf.is_empty() {
-                buf = vec![0u8; SMALL_BUF];
+            if buf.capacity() == 0 {
+                // Uninitialised: the kernel fills it, no need to zero 16 KiB.
+                buf = Vec::with_capacity(SMALL_BUF);
             }
+            buf.clear();
             match src.try_io_with(Interest::READABLE, || {
-                rustix::io::read(src.as_fd(), &mut buf[..]).map_err(io::Error::from)
+                rustix::io::read(src.as_fd(), rustix::buffer::spare_capacity(&mut buf))
+                    .map_err(io::Error::from)
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
