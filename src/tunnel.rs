@@ -151,19 +151,7 @@ impl<S: AsyncRead> AsyncRead for Metered<S> {
 }
 
 impl<S: AsyncWrite> AsyncWrite for Metered<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
+    crate::io::forward_async_write!();
 }
 
 /// Join two streams until both directions end, an error, or `idle` without
@@ -184,12 +172,17 @@ where
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
     });
-    let a = Touching {
+    // Only the activity clock: callers count their own bytes.
+    let a = Metered {
         inner: a,
+        counter: metrics::Counter::noop(),
+        total: 0,
         activity: activity.clone(),
     };
-    let b = Touching {
+    let b = Metered {
         inner: b,
+        counter: metrics::Counter::noop(),
+        total: 0,
         activity: activity.clone(),
     };
     let (mut ar, mut aw) = tokio::io::split(a);
@@ -245,46 +238,6 @@ async fn idle_watchdog(activity: &Activity, idle: Duration) {
             return;
         }
         tokio::time::sleep(idle - quiet).await;
-    }
-}
-
-pin_project_lite::pin_project! {
-    struct Touching<S> {
-        #[pin]
-        inner: S,
-        activity: Arc<Activity>,
-    }
-}
-
-impl<S: AsyncRead> AsyncRead for Touching<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let r = this.inner.poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.activity.touch();
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite> AsyncWrite for Touching<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
     }
 }
 
@@ -371,6 +324,51 @@ pub async fn serve<C>(
     );
 }
 
+/// The start every tunnel shares: live byte counters, the PROXY header and
+/// peeked bytes written to the backend, and the activity clock.
+struct Opened {
+    up: metrics::Counter,
+    down: metrics::Counter,
+    /// Client bytes already sent (the replayed first bytes).
+    client_first: u64,
+    activity: Arc<Activity>,
+}
+
+async fn open<B: AsyncWrite + Unpin>(
+    backend: &mut B,
+    job: &Job<'_>,
+) -> Result<Opened, TunnelStats> {
+    let name = job.backend.name.as_str();
+    let up = metrics::counter!(m::TUNNEL_BYTES, "backend" => name.to_string(), "direction" => "upstream");
+    let down = metrics::counter!(m::TUNNEL_BYTES, "backend" => name.to_string(), "direction" => "downstream");
+    if let Err(e) = backend.write_all(&job.first).await {
+        return Err(TunnelStats {
+            up: 0,
+            down: 0,
+            cause: CloseCause::Error(format!("write to backend: {e}")),
+        });
+    }
+    // The PROXY header is ours, not the client's: count only client bytes.
+    let client_first = job.first.len().saturating_sub(job.header_len) as u64;
+    up.increment(client_first);
+    Ok(Opened {
+        up,
+        down,
+        client_first,
+        activity: Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }),
+    })
+}
+
+fn end_cause(r: io::Result<()>) -> CloseCause {
+    match r {
+        Ok(()) => CloseCause::Done,
+        Err(e) => CloseCause::Error(e.to_string()),
+    }
+}
+
 /// The splice(2) path for socket-to-socket tunnels.
 async fn splice_sockets<B>(
     client: TcpStream,
@@ -381,41 +379,27 @@ async fn splice_sockets<B>(
 where
     B: crate::splice::Socket + AsyncWrite + Unpin,
 {
-    let backend_name = job.backend.name.as_str();
-    let up_counter = metrics::counter!(m::TUNNEL_BYTES, "backend" => backend_name.to_string(), "direction" => "upstream");
-    let down_counter = metrics::counter!(m::TUNNEL_BYTES, "backend" => backend_name.to_string(), "direction" => "downstream");
-    if let Err(e) = backend.write_all(&job.first).await {
-        return TunnelStats {
-            up: 0,
-            down: 0,
-            cause: CloseCause::Error(format!("write to backend: {e}")),
-        };
-    }
-    let client_first = job.first.len().saturating_sub(job.header_len) as u64;
-    up_counter.increment(client_first);
-    let activity = Arc::new(Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    });
-    let (up, down) = (AtomicU64::new(client_first), AtomicU64::new(0));
+    let o = match open(&mut backend, job).await {
+        Ok(o) => o,
+        Err(stats) => return stats,
+    };
+    let (up, down) = (AtomicU64::new(o.client_first), AtomicU64::new(0));
     let copy = async {
         tokio::try_join!(
             crate::splice::one_way(&client, &backend, &up, |n| {
-                up_counter.increment(n);
-                activity.touch();
+                o.up.increment(n);
+                o.activity.touch();
             }),
             crate::splice::one_way(&backend, &client, &down, |n| {
-                down_counter.increment(n);
-                activity.touch();
+                o.down.increment(n);
+                o.activity.touch();
             }),
         )
+        .map(|_| ())
     };
     let cause = tokio::select! {
-        r = copy => match r {
-            Ok(_) => CloseCause::Done,
-            Err(e) => CloseCause::Error(e.to_string()),
-        },
-        _ = idle_watchdog(&activity, job.idle) => CloseCause::Idle,
+        r = copy => end_cause(r),
+        _ = idle_watchdog(&o.activity, job.idle) => CloseCause::Idle,
         _ = shutdown => CloseCause::Shutdown,
     };
     TunnelStats {
@@ -425,6 +409,7 @@ where
     }
 }
 
+/// The user-space path: any client stream (decrypted TLS), or splice off.
 async fn pipe_streams<C, B>(
     client: C,
     mut backend: B,
@@ -435,43 +420,25 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (first, idle) = (job.first.as_slice(), job.idle);
-    let backend_name = job.backend.name.as_str();
-    let up_counter = metrics::counter!(m::TUNNEL_BYTES, "backend" => backend_name.to_string(), "direction" => "upstream");
-    let down_counter = metrics::counter!(m::TUNNEL_BYTES, "backend" => backend_name.to_string(), "direction" => "downstream");
-    if let Err(e) = backend.write_all(first).await {
-        return TunnelStats {
-            up: 0,
-            down: 0,
-            cause: CloseCause::Error(format!("write to backend: {e}")),
-        };
-    }
-    // The PROXY header is ours, not the client's: count only client bytes.
-    let client_first = first.len().saturating_sub(job.header_len) as u64;
-    up_counter.increment(client_first);
-    let activity = Arc::new(Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    });
+    let o = match open(&mut backend, job).await {
+        Ok(o) => o,
+        Err(stats) => return stats,
+    };
     let mut c = Metered {
         inner: client,
-        counter: up_counter,
-        total: client_first,
-        activity: activity.clone(),
+        counter: o.up,
+        total: o.client_first,
+        activity: o.activity.clone(),
     };
     let mut b = Metered {
         inner: backend,
-        counter: down_counter,
+        counter: o.down,
         total: 0,
-        activity: activity.clone(),
+        activity: o.activity.clone(),
     };
-    let watchdog = idle_watchdog(&activity, idle);
     let cause = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut b, COPY_BUF, COPY_BUF) => match r {
-            Ok(_) => CloseCause::Done,
-            Err(e) => CloseCause::Error(e.to_string()),
-        },
-        _ = watchdog => CloseCause::Idle,
+        r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut b, COPY_BUF, COPY_BUF) => end_cause(r.map(|_| ())),
+        _ = idle_watchdog(&o.activity, job.idle) => CloseCause::Idle,
         _ = shutdown => CloseCause::Shutdown,
     };
     TunnelStats {
