@@ -852,3 +852,335 @@ impl Portico {
 pub fn with_admin(config: &str, metrics: SocketAddr) -> String {
     format!("{config}\n[admin]\nmetrics = \"{metrics}\"\n")
 }
+
+// ---------------------------------------------------------------- hardening helpers
+
+/// Accepts any server certificate: for sites with `cert = "self-signed"`,
+/// where the tests check what portico does, not PKI.
+#[derive(Debug)]
+pub struct AcceptAnyCert(pub Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS client that trusts any certificate and offers `alpn`.
+pub fn insecure_connector(alpn: &[&[u8]]) -> TlsConnector {
+    let provider = provider();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    TlsConnector::from(Arc::new(cfg))
+}
+
+/// Resident set size of process `pid` in KiB (`VmRSS` of `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Raise this process's soft RLIMIT_NOFILE towards `want` (never above the
+/// hard limit); a portico spawned afterwards inherits it. Returns the limit now.
+pub fn raise_nofile_limit(want: u64) -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let cur = getrlimit(Resource::Nofile);
+    let soft = cur.current.unwrap_or(u64::MAX);
+    if soft >= want {
+        return soft;
+    }
+    let target = cur.maximum.map_or(want, |hard| hard.min(want));
+    if target > soft {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum: cur.maximum,
+            },
+        );
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// One request as a strict HTTP/1.1 origin framed it (RFC 9112 section 6:
+/// chunked wins over Content-Length).
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub method: String,
+    pub target: String,
+    /// Header lines as received, in order (names lower-cased).
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl SeenRequest {
+    /// All values of header `name` (lower case).
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// Everything a [`RecordingUpstream`] received.
+#[derive(Debug, Default, Clone)]
+pub struct Recorded {
+    /// Every byte of every connection, in arrival order per connection.
+    pub raw: Vec<u8>,
+    pub connections: usize,
+    pub requests: Vec<SeenRequest>,
+    /// Bytes a connection ended with that did not frame as a request.
+    pub leftovers: Vec<Vec<u8>>,
+}
+
+/// A raw TCP HTTP/1.1 origin that records every byte and answers each
+/// complete request with `200 ok` (keep-alive), so what reached it can be
+/// checked byte for byte, independently of hyper's parser.
+pub struct RecordingUpstream {
+    pub addr: SocketAddr,
+    log: Arc<std::sync::Mutex<Recorded>>,
+    task: JoinHandle<()>,
+}
+
+impl RecordingUpstream {
+    pub async fn start() -> RecordingUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(std::sync::Mutex::new(Recorded::default()));
+        let log2 = log.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                log2.lock().unwrap().connections += 1;
+                tokio::spawn(record_conn(s, log2.clone()));
+            }
+        });
+        RecordingUpstream { addr, log, task }
+    }
+
+    pub fn snapshot(&self) -> Recorded {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        *self.log.lock().unwrap() = Recorded::default();
+    }
+}
+
+impl Drop for RecordingUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn record_conn(mut s: TcpStream, log: Arc<std::sync::Mutex<Recorded>>) {
+    let _ = s.set_nodelay(true);
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        log.lock().unwrap().raw.extend_from_slice(&chunk[..n]);
+        loop {
+            match frame_request(&buf) {
+                Framed::Complete(req, used) => {
+                    buf.drain(..used);
+                    log.lock().unwrap().requests.push(req);
+                    let resp = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(resp).await.is_err() {
+                        return;
+                    }
+                }
+                Framed::Incomplete => break,
+                Framed::Invalid => {
+                    log.lock().unwrap().leftovers.push(std::mem::take(&mut buf));
+                    return;
+                }
+            }
+        }
+    }
+    if !buf.is_empty() {
+        log.lock().unwrap().leftovers.push(buf);
+    }
+}
+
+enum Framed {
+    Complete(SeenRequest, usize),
+    Incomplete,
+    Invalid,
+}
+
+fn frame_request(buf: &[u8]) -> Framed {
+    let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Framed::Incomplete;
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or_default().split(' ');
+    let (Some(method), Some(target)) = (first.next(), first.next()) else {
+        return Framed::Invalid;
+    };
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut req = SeenRequest {
+        method: method.to_string(),
+        target: target.to_string(),
+        headers,
+        body: Vec::new(),
+    };
+    let body_start = head_end + 4;
+    let chunked = req
+        .all("transfer-encoding")
+        .iter()
+        .any(|v| v.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        let mut pos = body_start;
+        loop {
+            let Some(eol) = buf[pos..].windows(2).position(|w| w == b"\r\n") else {
+                return Framed::Incomplete;
+            };
+            let line = String::from_utf8_lossy(&buf[pos..pos + eol]).into_owned();
+            let size_text = line.split(';').next().unwrap_or_default().trim();
+            let Ok(size) = usize::from_str_radix(size_text, 16) else {
+                return Framed::Invalid;
+            };
+            pos += eol + 2;
+            if size == 0 {
+                // Trailers until an empty line.
+                loop {
+                    let Some(eol) = buf[pos..].windows(2).position(|w| w == b"\r\n") else {
+                        return Framed::Incomplete;
+                    };
+                    pos += eol + 2;
+                    if eol == 0 {
+                        return Framed::Complete(req, pos);
+                    }
+                }
+            }
+            if buf.len() < pos + size + 2 {
+                return Framed::Incomplete;
+            }
+            req.body.extend_from_slice(&buf[pos..pos + size]);
+            pos += size + 2;
+        }
+    }
+    let len = req
+        .all("content-length")
+        .first()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    if buf.len() < body_start + len {
+        return Framed::Incomplete;
+    }
+    req.body = buf[body_start..body_start + len].to_vec();
+    Framed::Complete(req, body_start + len)
+}
+
+/// Accepts any server certificate: tests check what portico relays, not PKI
+/// (portico's self-signed certificates are generated at start).
+#[derive(Debug)]
+pub struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl AcceptAny {
+    pub fn new(provider: Arc<rustls::crypto::CryptoProvider>) -> Arc<AcceptAny> {
+        Arc::new(AcceptAny(provider))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
