@@ -12,6 +12,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
@@ -26,6 +27,9 @@ use crate::listener::{ConnInfo, Generation, Shared};
 use crate::metrics as m;
 use crate::proxy_protocol::{self, Outbound};
 use crate::tunnel;
+
+/// What an h2 client sends first (RFC 9113 section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A terminated site ready for connections.
 pub struct SiteEntry {
@@ -170,6 +174,33 @@ pub async fn serve(
         }
     }
 
+    // hyper-util's auto builder reads the first bytes to choose HTTP/1.1 or
+    // h2 with no deadline (its http1_only/http2_only do nothing with
+    // serve_connection_with_upgrades), and hyper's header_read_timeout only
+    // starts after that. Read them here, within request_header, so a client
+    // that completes the handshake and then stays silent, or stops inside
+    // the h2 preface, does not hold its connection slot forever.
+    let version_known = async {
+        loop {
+            let n = first.len().min(H2_PREFACE.len());
+            if n == H2_PREFACE.len() || (n > 0 && first[..n] != H2_PREFACE[..n]) {
+                return true;
+            }
+            match tls.read_buf(&mut first).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+        }
+    };
+    let known = tokio::select! {
+        r = tokio::time::timeout(cfg.timeouts.request_header, version_known) => matches!(r, Ok(true)),
+        _ = shared.shutdown.cancelled() => return,
+    };
+    if !known {
+        debug!(site, client = %info.client, "no request within request_header after the handshake; closing");
+        return;
+    }
+
     let verdict = Arc::new(crate::http::framing::Verdict::default());
     let ctx = Arc::new(ConnContext {
         client: info.client.ip(),
@@ -183,6 +214,7 @@ pub async fn serve(
             cfg.limits.max_header_size,
             verdict,
             negotiated != Negotiated::H2,
+            cfg.timeouts.request_header,
         ),
         entry.http.clone(),
         ctx,

@@ -534,11 +534,13 @@ async fn oversized_heads_get_431_and_long_targets_414() {
         );
         // 8192 bytes exactly is fine.
         let ok_path = format!("/{}", "p".repeat(8191));
+        // A fresh connection: portico may close the one that got the 414.
+        let mut s = tls(addr, b"http/1.1").await;
         s.write_all(format!("GET {ok_path} HTTP/1.1\r\nHost: api.test\r\n\r\n").as_bytes())
             .await
             .unwrap();
         let status = read_response(&mut s).await.map(|h| h.0);
-        assert_eq!(status, Some(200), "8192-byte path, h1, same connection");
+        assert_eq!(status, Some(200), "8192-byte path, h1");
 
         // h2: the same long path, then a header list over max_header_size.
         let client = h2_client(addr).await;
@@ -824,7 +826,6 @@ async fn a_stalled_request_head_is_cut_at_request_header() {
 /// a client is held until it goes away: 20 000 of them exhaust
 /// `max_connections`. See the hardening report for the patch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a silent client after the TLS handshake is held forever"]
 async fn a_silent_client_after_the_handshake_is_cut_at_request_header() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
@@ -1318,7 +1319,6 @@ async fn smuggling_attempts_never_reach_the_upstream_ambiguously() {
 /// hardening report for the patch); the smuggling test above shows that the
 /// framing itself stays consistent meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: portico keeps HTTP/1.1 connections open after a check_request refusal"]
 async fn a_refused_request_closes_its_connection() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {

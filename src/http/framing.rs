@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -97,12 +98,23 @@ pin_project_lite::pin_project! {
         pending: Vec<u8>,
         max_head: usize,
         verdict: Arc<Verdict>,
+        // While a head is held back hyper sees no bytes, so its
+        // header_read_timeout cannot run (and hyper-util's version
+        // detection has no deadline at all): the guard keeps its own.
+        head_timeout: Duration,
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
 impl<S> Framing<S> {
     /// `follow = false` (h2) passes everything through untouched.
-    pub fn new(inner: S, max_head: usize, verdict: Arc<Verdict>, follow: bool) -> Self {
+    pub fn new(
+        inner: S,
+        max_head: usize,
+        verdict: Arc<Verdict>,
+        follow: bool,
+        head_timeout: Duration,
+    ) -> Self {
         Framing {
             inner,
             state: if follow { State::Head } else { State::Pass },
@@ -110,6 +122,8 @@ impl<S> Framing<S> {
             pending: Vec::new(),
             max_head,
             verdict,
+            head_timeout,
+            deadline: None,
         }
     }
 }
@@ -309,7 +323,21 @@ impl<S: AsyncRead> AsyncRead for Framing<S> {
                 return Poll::Ready(Ok(()));
             }
             match *this.state {
-                State::Refused => return Poll::Ready(Ok(())),
+                State::Refused => {
+                    // hyper must still write the 400 for the marker (which
+                    // asks to close): an EOF now makes it drop the
+                    // connection without answering. Swallow what the client
+                    // sends and report EOF only when it closes.
+                    let mut sink = [0u8; 4096];
+                    let mut rb = ReadBuf::new(&mut sink);
+                    match this.inner.as_mut().poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                            return Poll::Ready(Ok(()))
+                        }
+                        Poll::Ready(Ok(())) => continue,
+                        other => return other,
+                    }
+                }
                 State::Pass => return this.inner.as_mut().poll_read(cx, buf),
                 State::Head => {
                     // Hold the head back until it is complete.
@@ -322,8 +350,20 @@ impl<S: AsyncRead> AsyncRead for Framing<S> {
                         }
                         let mut chunk = [0u8; 4096];
                         let mut rb = ReadBuf::new(&mut chunk);
+                        let timeout = *this.head_timeout;
+                        let deadline = this
+                            .deadline
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                         match this.inner.as_mut().poll_read(cx, &mut rb) {
-                            Poll::Pending => return Poll::Pending,
+                            Poll::Pending => {
+                                if std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
+                                    return Poll::Ready(Err(io::Error::new(
+                                        io::ErrorKind::TimedOut,
+                                        "request head not complete within request_header",
+                                    )));
+                                }
+                                return Poll::Pending;
+                            }
                             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                             Poll::Ready(Ok(())) => {}
                         }
@@ -339,6 +379,7 @@ impl<S: AsyncRead> AsyncRead for Framing<S> {
                         }
                         continue;
                     };
+                    *this.deadline = None;
                     let rest = this.head.split_off(end);
                     match check_head(this.head) {
                         HeadCheck::Refuse(reason) => {
@@ -405,7 +446,7 @@ mod tests {
     async fn run(input: &[u8], split: usize) -> (Vec<u8>, Option<Refusal>) {
         let (mut a, b) = tokio::io::duplex(1 << 16);
         let verdict = Arc::new(Verdict::default());
-        let mut f = Framing::new(b, 64 * 1024, verdict.clone(), true);
+        let mut f = Framing::new(b, 64 * 1024, verdict.clone(), true, Duration::from_secs(30));
         let (x, y) = input.split_at(split.min(input.len()));
         a.write_all(x).await.unwrap();
         a.write_all(y).await.unwrap();

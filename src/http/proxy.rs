@@ -169,11 +169,22 @@ pub async fn handle(
     if let Some(refusal) = conn.verdict.get() {
         return unmatched("none", ProxyError::BadRequest(refusal.message()));
     }
+    // A request refused before its body was looked at: on HTTP/1.x read no
+    // further requests from the connection that sent it (as nginx does), so
+    // nothing pipelined behind a malformed request reaches an upstream.
+    let refuse = |err: ProxyError| {
+        let mut resp = unmatched("none", err);
+        if req.version() < Version::HTTP_2 {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    };
     if let Some(err) = check_request(&req, site.max_uri) {
-        return unmatched("none", err);
+        return refuse(err);
     }
     let Some(authority) = authority else {
-        return unmatched("none", ProxyError::BadRequest("missing Host header"));
+        return refuse(ProxyError::BadRequest("missing Host header"));
     };
     if !site.config.any_name {
         let host = headers::host_name(&authority);
