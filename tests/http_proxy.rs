@@ -2095,3 +2095,54 @@ async fn a_closed_pooled_connection_is_retried_only_for_safe_requests() {
     })
     .await;
 }
+
+/// A response that outlives `timeouts.request_header` is not cut: the head
+/// deadline only runs while portico waits for a request, not while it answers.
+#[tokio::test]
+async fn long_sse_outlives_the_request_header_timeout() {
+    let _guard = SERIAL.read().await;
+    bounded(30, async {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        .await;
+                    for i in 0..6 {
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        let ev = format!("data: {i}\n\n");
+                        let chunk = format!("{:x}\r\n{ev}\r\n", ev.len());
+                        if s.write_all(chunk.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = s.write_all(b"0\r\n\r\n").await;
+                });
+            }
+        });
+        let listen = free_addr();
+        let cfg = proxy_config(listen, &format!("http://{origin}"))
+            + "\n[timeouts]\nrequest_header = \"1s\"\n";
+        let portico = Portico::start(&cfg).await;
+        for proto in [Proto::H1, Proto::H2] {
+            let mut c = Client::connect(listen, proto).await;
+            let started = Instant::now();
+            let r = c.get("/events").await;
+            assert_eq!(r.status(), 200);
+            let body = body_text(r).await;
+            let elapsed = started.elapsed();
+            assert_eq!(
+                body.matches("data: ").count(),
+                6,
+                "{proto:?}: the 2.4 s stream was cut: {body:?}"
+            );
+            assert!(elapsed >= Duration::from_millis(2300), "{proto:?}: {elapsed:?}");
+        }
+        drop(portico);
+    })
+    .await;
+}

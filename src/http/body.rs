@@ -217,6 +217,8 @@ pub struct Exchange {
     pub kind: StreamKind,
     pub error: Option<String>,
     _active: Option<GaugeGuard>,
+    /// Keeps the connection's "answering a request" mark while the response lives.
+    pub in_flight: Option<super::framing::InFlight>,
 }
 
 impl StreamKind {
@@ -253,6 +255,7 @@ impl Exchange {
             kind: StreamKind::Http,
             error: None,
             _active: None,
+            in_flight: None,
         }
     }
 

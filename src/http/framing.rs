@@ -15,20 +15,41 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Why a request head was refused; 0 means none.
+/// Shared between the guard and the handler: why a request head was refused
+/// (0 means none), and how many requests are being answered right now.
 #[derive(Debug, Default)]
-pub struct Verdict(AtomicU8);
+pub struct Verdict(AtomicU8, AtomicUsize);
+
+/// Marks one request as being answered until dropped (end of its response).
+pub struct InFlight(Arc<Verdict>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0 .1.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 impl Verdict {
     fn set(&self, reason: Refusal) {
         self.0.store(reason as u8, Ordering::Release);
+    }
+
+    /// A request is being answered: the guard's head deadline does not run
+    /// while any is (an SSE response may last hours).
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.1.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    fn busy(&self) -> bool {
+        self.1.load(Ordering::Acquire) > 0
     }
 
     /// The refusal the handler must answer, if any.
@@ -350,12 +371,18 @@ impl<S: AsyncRead> AsyncRead for Framing<S> {
                         }
                         let mut chunk = [0u8; 4096];
                         let mut rb = ReadBuf::new(&mut chunk);
-                        let timeout = *this.head_timeout;
-                        let deadline = this
-                            .deadline
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                         match this.inner.as_mut().poll_read(cx, &mut rb) {
                             Poll::Pending => {
+                                // hyper also reads while a response streams:
+                                // no deadline then, unless a new head began.
+                                if this.head.is_empty() && this.verdict.busy() {
+                                    *this.deadline = None;
+                                    return Poll::Pending;
+                                }
+                                let timeout = *this.head_timeout;
+                                let deadline = this
+                                    .deadline
+                                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                                 if std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
                                     return Poll::Ready(Err(io::Error::new(
                                         io::ErrorKind::TimedOut,

@@ -161,6 +161,7 @@ pub async fn handle(
             started,
             progress.clone(),
         );
+        ex.in_flight = Some(conn.verdict.begin());
         let resp = err.response();
         ex.error = Some(err.to_string());
         ex.respond(resp.status().as_u16(), StreamKind::Http);
@@ -205,6 +206,7 @@ pub async fn handle(
         started,
         progress.clone(),
     );
+    ex.in_flight = Some(conn.verdict.begin());
 
     let origin = req.headers().get(header::ORIGIN).cloned();
     let cors = site.config.cors.as_ref();
