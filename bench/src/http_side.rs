@@ -242,7 +242,8 @@ pub async fn sse(a: SseArgs) -> Result<()> {
             rd.get_mut().write_all(req.as_bytes()).await?;
             let mut line = String::new();
             let mut first = true;
-            while lat.len() < events as usize {
+            let mut seen = 0u64;
+            while seen < events {
                 line.clear();
                 if rd.read_line(&mut line).await? == 0 {
                     break;
@@ -250,7 +251,12 @@ pub async fn sse(a: SseArgs) -> Result<()> {
                 // Chunked framing lines are not `data:` lines; skip them.
                 if let Some(ts) = line.trim().strip_prefix("data: ") {
                     if let Ok(sent) = ts.parse::<u128>() {
-                        lat.push(now_ns().saturating_sub(sent) as f64 / 1e6);
+                        seen += 1;
+                        // Steady state only: while streams are still opening,
+                        // their TLS handshakes compete with the events.
+                        if opened.load(std::sync::atomic::Ordering::SeqCst) >= streams {
+                            lat.push(now_ns().saturating_sub(sent) as f64 / 1e6);
+                        }
                         if first {
                             first = false;
                             if opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == streams {
