@@ -92,10 +92,12 @@ pub struct ConnInfo {
 /// current at each accept, looked up by address.
 pub async fn accept_loop(
     listener: TcpListener,
-    label: Arc<str>,
+    addr: SocketAddr,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    // The configured address, as a label for metrics and logs.
+    let label: Arc<str> = Arc::from(addr.to_string());
     let active_gauge = metrics::gauge!(m::CONNECTIONS_ACTIVE, "listener" => label.to_string());
     loop {
         let accepted = tokio::select! {
@@ -127,7 +129,7 @@ pub async fn accept_loop(
             async move {
                 let _permit = permit;
                 let _active = GaugeGuard::new(gauge);
-                handle(stream, peer, label2, shared2).await;
+                handle(stream, peer, addr, label2, shared2).await;
             }
             .instrument(span),
         );
@@ -138,18 +140,19 @@ fn reject(listener: &str, route: &str) {
     metrics::counter!(m::CONNECTIONS, "listener" => listener.to_string(), "route" => route.to_string(), "action" => "reject").increment(1);
 }
 
-async fn handle(mut stream: TcpStream, peer: SocketAddr, label: Arc<str>, shared: Arc<Shared>) {
+async fn handle(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddr,
+    label: Arc<str>,
+    shared: Arc<Shared>,
+) {
     let gen = shared.current.load_full();
     let cfg = &gen.config;
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let Some(listen) = cfg
-        .listeners
-        .iter()
-        .find(|l| l.addr.to_string() == *label)
-        .cloned()
-    else {
+    let Some(listen) = cfg.listeners.iter().find(|l| l.addr == addr).cloned() else {
         // The listener was removed by a reload while this connection was queued.
         return;
     };

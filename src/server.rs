@@ -89,11 +89,10 @@ impl Server {
         let sock =
             listener::bind(addr).with_context(|| format!("cannot bind listen address {addr}"))?;
         let stop = self.shared.shutdown.child_token();
-        let label: Arc<str> = Arc::from(addr.to_string());
         info!(%addr, "listening");
         tokio::spawn(listener::accept_loop(
             sock,
-            label,
+            addr,
             self.shared.clone(),
             stop.clone(),
         ));
