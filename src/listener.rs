@@ -239,20 +239,15 @@ async fn handle(
                 sni: hello.and_then(|h| h.sni.as_deref()),
                 alpn: hello.and_then(|h| h.alpn.first().map(Vec::as_slice)),
             };
-            let mut first = proxy_protocol::outbound_header(backend.proxy_protocol, &out);
-            let header_len = first.len();
-            first.extend_from_slice(&buf);
-            drop(buf);
-            let job = tunnel::Job {
+            let job = tunnel::Job::new(
                 backend,
-                first,
-                header_len,
-                client: info.client,
-                route: &route.label,
-                connect_timeout: cfg.timeouts.upstream_connect,
-                idle: cfg.timeouts.idle,
-                splice: cfg.tunnel.splice,
-            };
+                &out,
+                &buf,
+                &route.label,
+                &cfg.timeouts,
+                cfg.tunnel.splice,
+            );
+            drop(buf);
             tunnel::serve(
                 tunnel::ClientSide::<TcpStream>::Tcp(stream),
                 job,

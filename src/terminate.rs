@@ -25,7 +25,7 @@ use crate::http::{self as h, Negotiated, ServeOptions};
 use crate::io::Prefixed;
 use crate::listener::{ConnInfo, Generation, Shared};
 use crate::metrics as m;
-use crate::proxy_protocol::{self, Outbound};
+use crate::proxy_protocol::Outbound;
 use crate::tunnel;
 
 /// What an h2 client sends first (RFC 9113 section 3.4).
@@ -145,19 +145,7 @@ pub async fn serve(
                     sni: sni.as_deref(),
                     alpn: alpn.as_deref(),
                 };
-                let mut head = proxy_protocol::outbound_header(backend.proxy_protocol, &out);
-                let header_len = head.len();
-                head.extend_from_slice(&first);
-                let job = tunnel::Job {
-                    backend: &backend,
-                    first: head,
-                    header_len,
-                    client: info.client,
-                    route: site,
-                    connect_timeout: cfg.timeouts.upstream_connect,
-                    idle: cfg.timeouts.idle,
-                    splice: false,
-                };
+                let job = tunnel::Job::new(&backend, &out, &first, site, &cfg.timeouts, false);
                 // Boxed so HTTP connections do not reserve the tunnel's space.
                 Box::pin(tunnel::serve(
                     tunnel::ClientSide::Stream(tls),

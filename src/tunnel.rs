@@ -257,6 +257,33 @@ pub struct Job<'a> {
     pub splice: bool,
 }
 
+impl<'a> Job<'a> {
+    /// A job whose first bytes are the PROXY header `out` calls for (per the
+    /// backend's `proxy_protocol`), then the bytes already read from the client.
+    pub fn new(
+        backend: &'a Backend,
+        out: &crate::proxy_protocol::Outbound<'_>,
+        peeked: &[u8],
+        route: &'a str,
+        timeouts: &crate::config::Timeouts,
+        splice: bool,
+    ) -> Job<'a> {
+        let mut first = crate::proxy_protocol::outbound_header(backend.proxy_protocol, out);
+        let header_len = first.len();
+        first.extend_from_slice(peeked);
+        Job {
+            backend,
+            first,
+            header_len,
+            client: out.source,
+            route,
+            connect_timeout: timeouts.upstream_connect,
+            idle: timeouts.idle,
+            splice,
+        }
+    }
+}
+
 /// The client side of a tunnel: a plain socket can be spliced; any other
 /// stream (decrypted TLS) is copied through user space.
 pub enum ClientSide<C> {

@@ -318,16 +318,13 @@ fn check_request<B>(req: &Request<B>, max_uri: usize) -> Option<ProxyError> {
             return Some(ProxyError::BadRequest("invalid Host header"));
         }
     }
-    // hyper accepts repeated identical Content-Length values; an
-    // intermediary that forwards them invites desync, so refuse.
+    // HTTP/1.x framing (Content-Length with Transfer-Encoding, repeated or
+    // bad Content-Length) is refused by the framing guard before hyper parses
+    // the head, and h2 forbids Transfer-Encoding; repeated Content-Length
+    // values on h2 are refused here.
     if h.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
         return Some(ProxyError::BadRequest(
             "more than one Content-Length header",
-        ));
-    }
-    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
-        return Some(ProxyError::BadRequest(
-            "both Content-Length and Transfer-Encoding",
         ));
     }
     None
