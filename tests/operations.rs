@@ -1926,3 +1926,40 @@ async fn example_configs_pass_check() {
     })
     .await;
 }
+
+/// `portico` with no arguments runs the file named by `$PORTICO_CONFIG`.
+#[tokio::test]
+async fn no_arguments_runs_the_file_in_portico_config() {
+    bounded(20, async {
+        let dir = TempDir::new();
+        let listen = free_addr();
+        let path = dir.path().join("portico.toml");
+        std::fs::write(
+            &path,
+            format!("[[listen]]\naddr = \"{listen}\"\n[[route]]\nprotocol = \"http\"\nredirect = \"https\"\n"),
+        )
+        .unwrap();
+        let mut child = common::portico_command()
+            .env("PORTICO_CONFIG", &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start portico");
+        let mut answer = String::new();
+        for _ in 0..100 {
+            if let Ok(mut s) = TcpStream::connect(listen).await {
+                s.write_all(b"GET /x HTTP/1.1\r\nHost: env.test\r\nConnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                s.read_to_string(&mut answer).await.unwrap();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(answer.starts_with("HTTP/1.1 308"), "got {answer:?}");
+        assert!(answer.contains("location: https://env.test/x"), "got {answer:?}");
+    })
+    .await;
+}
