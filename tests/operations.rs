@@ -1963,3 +1963,28 @@ async fn no_arguments_runs_the_file_in_portico_config() {
     })
     .await;
 }
+
+/// The process runs with transparent huge pages off (`PR_SET_THP_DISABLE`):
+/// with them, each open stream's buffers cost ~78 KiB of RSS instead of ~51.
+#[tokio::test]
+async fn runs_with_transparent_huge_pages_off() {
+    bounded(20, async {
+        let listen = free_addr();
+        let portico = Portico::start(&format!(
+            "[[listen]]\naddr = \"{listen}\"\n[[route]]\nprotocol = \"http\"\nredirect = \"https\"\n"
+        ))
+        .await;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", portico.pid()))
+            .expect("read /proc/PID/status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("THP_enabled:"))
+            .expect("THP_enabled in /proc/PID/status (Linux >= 5.0)");
+        assert_eq!(
+            line.split_whitespace().nth(1),
+            Some("0"),
+            "portico must run with THP disabled: {line}"
+        );
+    })
+    .await;
+}
