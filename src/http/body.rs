@@ -28,8 +28,14 @@ pub struct RequestProgress {
     pub too_large: AtomicBool,
 }
 
-/// The client's request body on its way upstream.
-pub struct RequestBody {
+/// The client's request body on its way upstream. Boxed, and absent for
+/// bodiless requests: hyper's client keeps a block of 32 queued requests per
+/// upstream connection, so every byte of this type costs 32 per connection
+/// (an open SSE stream holds one); boxed, that block shrinks from 13.8 to
+/// 8.5 KiB (heap profile of 2000 open SSE streams). Bodiless requests (most of them) allocate nothing.
+pub struct RequestBody(Option<Box<Upload>>);
+
+struct Upload {
     /// A frame already read (and counted) before forwarding; returned first.
     pending: Option<Frame<Bytes>>,
     inner: Option<Incoming>,
@@ -45,23 +51,20 @@ impl RequestBody {
         progress: Arc<RequestProgress>,
         counter: metrics::Counter,
     ) -> Self {
-        RequestBody {
+        if inner.is_end_stream() {
+            return RequestBody::empty();
+        }
+        RequestBody(Some(Box::new(Upload {
             pending: None,
             inner: Some(inner),
             limit,
             progress,
             counter,
-        }
+        })))
     }
 
     pub fn empty() -> Self {
-        RequestBody {
-            pending: None,
-            inner: None,
-            limit: None,
-            progress: Arc::default(),
-            counter: metrics::Counter::noop(),
-        }
+        RequestBody(None)
     }
 }
 
@@ -72,7 +75,9 @@ impl RequestBody {
         use http_body_util::BodyExt as _;
         match self.frame().await {
             Some(Ok(f)) => {
-                self.pending = Some(f);
+                if let Some(up) = self.0.as_mut() {
+                    up.pending = Some(f);
+                }
                 Ok(())
             }
             Some(Err(e)) => Err(e),
@@ -89,7 +94,9 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
+        let Some(this) = self.0.as_deref_mut() else {
+            return Poll::Ready(None);
+        };
         if let Some(f) = this.pending.take() {
             return Poll::Ready(Some(Ok(f)));
         }
@@ -119,13 +126,21 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.0
+            .as_ref()
+            .is_none_or(|up| up.pending.is_none() && up.inner.as_ref().is_none_or(|b| b.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or(SizeHint::with_exact(0), |b| b.size_hint())
+        match self.0.as_deref() {
+            None => SizeHint::with_exact(0),
+            Some(up) => match (&up.pending, &up.inner) {
+                // A primed frame is not in the inner body's hint any more.
+                (Some(_), _) => SizeHint::default(),
+                (None, Some(b)) => b.size_hint(),
+                (None, None) => SizeHint::with_exact(0),
+            },
+        }
     }
 }
 
