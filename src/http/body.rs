@@ -126,9 +126,9 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0
-            .as_ref()
-            .is_none_or(|up| up.pending.is_none() && up.inner.as_ref().is_none_or(|b| b.is_end_stream()))
+        self.0.as_ref().is_none_or(|up| {
+            up.pending.is_none() && up.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        })
     }
 
     fn size_hint(&self) -> SizeHint {
