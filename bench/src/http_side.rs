@@ -49,9 +49,20 @@ async fn serve_origin(mut req: Request<Incoming>) -> Result<Response<OriginBody>
         "/sse" => {
             let n = query_param(&req, "n", 20);
             let interval = Duration::from_millis(query_param(&req, "interval_ms", 50));
+            // Ticks at a fixed phase of the wall clock (`phase_us` into each
+            // interval), not relative to when the request arrived: requests
+            // that reach the origin together (handshakes queued behind each
+            // other) would otherwise tick together, and the p99 would measure
+            // that burst instead of the front.
+            let phase = query_param(&req, "phase_us", 0) as u128 * 1000;
+            let period = interval.as_nanos().max(1);
+            let now = now_ns();
+            let wait = (phase + period - (now % period)) % period;
+            let first = tokio::time::Instant::now() + Duration::from_nanos(wait as u64);
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
+                let mut tick = tokio::time::interval_at(first, interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 for _ in 0..n {
                     tick.tick().await;
                     let ev = format!("data: {}\n\n", now_ns());
@@ -215,6 +226,10 @@ pub struct SseArgs {
     announce_open: bool,
     #[arg(long, default_value_t = 120)]
     deadline_secs: u64,
+    /// Also write every measured event as `stream sent_ns latency_ms` here,
+    /// to see whether slow events cluster in time or in streams.
+    #[arg(long)]
+    dump: Option<std::path::PathBuf>,
 }
 
 pub async fn sse(a: SseArgs) -> Result<()> {
@@ -230,14 +245,15 @@ pub async fn sse(a: SseArgs) -> Result<()> {
         // Spread the streams over one interval, as independent streams
         // would be: otherwise every event of every stream fires in the same
         // instant and the p99 measures the burst, not the front.
-        let offset = Duration::from_micros(interval * 1000 * i as u64 / a.streams.max(1) as u64);
+        let phase_us = interval * 1000 * i as u64 / a.streams.max(1) as u64;
+        let offset = Duration::from_micros(phase_us);
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep(offset).await;
             let mut lat = Vec::with_capacity(events as usize);
             let io = dial(&connect, sni.as_deref()).await?;
             let mut rd = BufReader::new(io);
             let req = format!(
-                "GET /sse?n={events}&interval_ms={interval} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n"
+                "GET /sse?n={events}&interval_ms={interval}&phase_us={phase_us} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n"
             );
             rd.get_mut().write_all(req.as_bytes()).await?;
             let mut line = String::new();
@@ -255,7 +271,7 @@ pub async fn sse(a: SseArgs) -> Result<()> {
                         // Steady state only: while streams are still opening,
                         // their TLS handshakes compete with the events.
                         if opened.load(std::sync::atomic::Ordering::SeqCst) >= streams {
-                            lat.push(now_ns().saturating_sub(sent) as f64 / 1e6);
+                            lat.push((sent, now_ns().saturating_sub(sent) as f64 / 1e6));
                         }
                         if first {
                             first = false;
@@ -266,7 +282,7 @@ pub async fn sse(a: SseArgs) -> Result<()> {
                     }
                 }
             }
-            Ok::<_, anyhow::Error>(lat)
+            Ok::<_, anyhow::Error>((i, lat))
         }));
     }
     if a.announce_open {
@@ -279,8 +295,18 @@ pub async fn sse(a: SseArgs) -> Result<()> {
     }
     let all = tokio::time::timeout(Duration::from_secs(a.deadline_secs), async {
         let mut all = Vec::new();
+        let mut dump = String::new();
         for t in tasks {
-            all.extend(t.await??);
+            let (stream, lat) = t.await??;
+            for (sent, ms) in lat {
+                if a.dump.is_some() {
+                    dump.push_str(&format!("{stream} {sent} {ms:.3}\n"));
+                }
+                all.push(ms);
+            }
+        }
+        if let Some(path) = &a.dump {
+            std::fs::write(path, dump).with_context(|| format!("write {}", path.display()))?;
         }
         Ok::<_, anyhow::Error>(all)
     })
