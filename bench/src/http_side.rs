@@ -332,6 +332,11 @@ pub struct WsArgs {
     messages: usize,
     #[arg(long, default_value_t = 64)]
     size: usize,
+    /// Each connection sends one message per interval (phases spread over
+    /// the interval), once all connections are open. 0: back to back, which
+    /// measures the load core's queue more than the front.
+    #[arg(long, default_value_t = 20)]
+    interval_ms: u64,
     #[arg(long, default_value_t = 120)]
     deadline_secs: u64,
 }
@@ -339,17 +344,30 @@ pub struct WsArgs {
 pub async fn ws(a: WsArgs) -> Result<()> {
     let mut tasks = Vec::new();
     let payload = "x".repeat(a.size);
-    for _ in 0..a.connections {
+    let all_open = Arc::new(tokio::sync::Barrier::new(a.connections));
+    let interval = Duration::from_millis(a.interval_ms);
+    for i in 0..a.connections {
         let connect = a.connect.clone();
         let sni = a.sni.clone();
         let url = format!("ws://{}/v1/responses", a.host);
         let payload = payload.clone();
         let n = a.messages;
+        let all_open = all_open.clone();
+        let phase = interval.mul_f64(i as f64 / a.connections.max(1) as f64);
         tasks.push(tokio::spawn(async move {
             let io = dial(&connect, sni.as_deref()).await?;
             let (mut ws, _) = tokio_tungstenite::client_async(url, io).await?;
             let mut rtt = Vec::with_capacity(n);
+            all_open.wait().await;
+            let mut tick = (!interval.is_zero()).then(|| {
+                let mut t = tokio::time::interval_at(tokio::time::Instant::now() + phase, interval);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
             for _ in 0..n {
+                if let Some(tick) = tick.as_mut() {
+                    tick.tick().await;
+                }
                 let t = Instant::now();
                 ws.send(Message::text(payload.clone())).await?;
                 loop {
