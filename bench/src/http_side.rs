@@ -18,7 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
 fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -40,7 +43,10 @@ pub async fn origin(listen: &str) -> Result<()> {
 fn query_param(req: &Request<Incoming>, name: &str, default: u64) -> u64 {
     req.uri()
         .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok()))
+        .and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+        })
         .unwrap_or(default)
 }
 
@@ -73,17 +79,19 @@ async fn serve_origin(mut req: Request<Incoming>) -> Result<Response<OriginBody>
             });
             let body = StreamBody::new(tokio_stream_from(rx));
             let mut r = Response::new(BodyExt::boxed(body));
-            r.headers_mut()
-                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/event-stream"),
+            );
             Ok(r)
         }
         "/v1/responses" => {
-            let key = req
-                .headers()
-                .get("sec-websocket-key")
-                .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()));
+            let key = req.headers().get("sec-websocket-key").map(|k| {
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes())
+            });
             let Some(accept) = key else {
-                let mut r = Response::new(Full::new(Bytes::from_static(b"websocket only\n")).boxed());
+                let mut r =
+                    Response::new(Full::new(Bytes::from_static(b"websocket only\n")).boxed());
                 *r.status_mut() = StatusCode::BAD_REQUEST;
                 return Ok(r);
             };
@@ -97,31 +105,38 @@ async fn serve_origin(mut req: Request<Incoming>) -> Result<Response<OriginBody>
                 )
                 .await;
                 while let Some(Ok(m)) = ws.next().await {
-                    match m {
-                        Message::Text(_) | Message::Binary(_) => {
-                            if ws.send(m).await.is_err() {
-                                return;
-                            }
-                        }
-                        Message::Close(_) => return,
-                        _ => {}
+                    if matches!(m, Message::Close(_)) {
+                        return;
+                    }
+                    let echo = matches!(m, Message::Text(_) | Message::Binary(_));
+                    if echo && ws.send(m).await.is_err() {
+                        return;
                     }
                 }
             });
             let mut r = Response::new(Full::new(Bytes::new()).boxed());
             *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             let h = r.headers_mut();
-            h.insert(http::header::UPGRADE, http::HeaderValue::from_static("websocket"));
-            h.insert(http::header::CONNECTION, http::HeaderValue::from_static("Upgrade"));
+            h.insert(
+                http::header::UPGRADE,
+                http::HeaderValue::from_static("websocket"),
+            );
+            h.insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("Upgrade"),
+            );
             if let Ok(v) = http::HeaderValue::from_str(&accept) {
                 h.insert("sec-websocket-accept", v);
             }
             Ok(r)
         }
         _ => {
-            let mut r = Response::new(Full::new(Bytes::from_static(b"hello from origin\n")).boxed());
-            r.headers_mut()
-                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+            let mut r =
+                Response::new(Full::new(Bytes::from_static(b"hello from origin\n")).boxed());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain"),
+            );
             Ok(r)
         }
     }
@@ -185,7 +200,9 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 async fn dial(addr: &str, sni: Option<&str>) -> Result<Box<dyn Io>> {
-    let tcp = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    let tcp = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
     tcp.set_nodelay(true)?;
     match sni {
         None => Ok(Box::new(tcp)),
@@ -395,6 +412,8 @@ pub async fn ws(a: WsArgs) -> Result<()> {
     .context("deadline")??;
     let count = all.len();
     let (p50, p99, max) = percentiles(all);
-    println!("{{\"messages\":{count},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"max_ms\":{max:.3}}}");
+    println!(
+        "{{\"messages\":{count},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"max_ms\":{max:.3}}}"
+    );
     Ok(())
 }

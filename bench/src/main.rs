@@ -69,18 +69,26 @@ enum Mode {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cli.mode {
-            Mode::Sink { listen, reply_after } => sink(&listen, reply_after).await,
+            Mode::Sink {
+                listen,
+                reply_after,
+            } => sink(&listen, reply_after).await,
             Mode::Blast {
                 connect,
                 hello,
                 bytes,
                 deadline_secs,
-            } => tokio::time::timeout(Duration::from_secs(deadline_secs), blast(&connect, &hello, bytes))
-                .await
-                .context("deadline")?,
+            } => tokio::time::timeout(
+                Duration::from_secs(deadline_secs),
+                blast(&connect, &hello, bytes),
+            )
+            .await
+            .context("deadline")?,
             Mode::Conns {
                 connect,
                 hello,
