@@ -42,6 +42,58 @@ async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin
     assert_eq!(got, msg);
 }
 
+/// Assert that the series of `name` with `labels` in the scrape `m` sum to `want`.
+fn assert_metric(m: &str, name: &str, labels: &[(&str, &str)], want: f64) {
+    assert_eq!(metric_value(m, name, labels), want, "{name}{labels:?}\n{m}");
+}
+
+/// Start portico with one listener passing `tunnel.test` to a raw TCP
+/// backend `b` (no PROXY header). `timeouts` goes first in the config: a
+/// `[timeouts]` table, or "" for the defaults.
+async fn start_tunnel(timeouts: &str) -> (RawBackend, SocketAddr, Portico) {
+    let backend = RawBackend::tcp(Expect::None).await;
+    let listen = free_addr();
+    let p = Portico::start(&format!(
+        r#"
+{timeouts}
+[[listen]]
+addr = "{listen}"
+
+[[route]]
+sni = ["tunnel.test"]
+pass = "b"
+
+[backend.b]
+addr = "{}"
+"#,
+        backend.addr
+    ))
+    .await;
+    (backend, listen, p)
+}
+
+/// Send `hello` on `client` and take the backend's side of the tunnel, with
+/// the first `hello.len()` bytes it read.
+async fn forward_hello(
+    client: &mut TcpStream,
+    backend: &mut RawBackend,
+    hello: &[u8],
+) -> (RawConn, Vec<u8>) {
+    client.write_all(hello).await.unwrap();
+    let mut conn = backend.next(5 * SEC).await;
+    let mut got = vec![0u8; hello.len()];
+    conn.stream.read_exact(&mut got).await.unwrap();
+    (conn, got)
+}
+
+/// Connect, send `bytes` (the write may fail once portico has closed) and
+/// return how long portico took to close the connection (at most 2 s).
+async fn send_and_wait_close(listen: SocketAddr, bytes: &[u8]) -> Duration {
+    let mut c = connect(listen).await;
+    let _ = c.write_all(bytes).await;
+    expect_closed(&mut c, 2 * SEC).await
+}
+
 // 1.
 #[tokio::test]
 async fn tls_passes_end_to_end_with_v2_and_echoes_a_mebibyte() {
@@ -109,20 +161,9 @@ proxy_protocol = "v2"
 
         let m = p.metrics_text().await;
         let lst = listen.to_string();
-        assert_eq!(
-            metric_value(
-                &m,
-                "portico_connections_total",
-                &[("listener", &lst), ("action", "pass")]
-            ),
-            1.0,
-            "{m}"
-        );
-        assert_eq!(
-            metric_value(&m, "portico_tunnel_active", &[("backend", "echo")]),
-            1.0,
-            "{m}"
-        );
+        let pass = [("listener", lst.as_str()), ("action", "pass")];
+        assert_metric(&m, "portico_connections_total", &pass, 1.0);
+        assert_metric(&m, "portico_tunnel_active", &[("backend", "echo")], 1.0);
         for direction in ["upstream", "downstream"] {
             let bytes = metric_value(
                 &m,
@@ -294,11 +335,7 @@ proxy_protocol = "none"
         sent.extend_from_slice(&pseudo_random(64 * 1024, 4));
         let mut client = connect(listen).await;
         // One write: the peek buffer holds the hello and more; none may be lost.
-        client.write_all(&sent).await.unwrap();
-
-        let mut conn = backend.next(5 * SEC).await;
-        let mut got = vec![0u8; sent.len()];
-        conn.stream.read_exact(&mut got).await.expect("all bytes");
+        let (mut conn, got) = forward_hello(&mut client, &mut backend, &sent).await;
         assert_eq!(
             &got[..hello_len],
             &sent[..hello_len],
@@ -397,8 +434,12 @@ proxy_protocol = "v2"
     .await
 }
 
-fn inbound_config(listen: SocketAddr, trusted: &str, backend: &str) -> String {
-    format!(
+/// Start portico with a listener that accepts PROXY headers from `trusted`
+/// and passes `tunnel.test` to a raw backend expecting a v1 header.
+async fn start_inbound(trusted: &str) -> (RawBackend, SocketAddr, Portico) {
+    let backend = RawBackend::tcp(Expect::V1).await;
+    let listen = free_addr();
+    let p = Portico::start(&format!(
         r#"
 [timeouts]
 client_hello = "1s"
@@ -413,44 +454,39 @@ sni = ["tunnel.test"]
 pass = "b"
 
 [backend.b]
-addr = "{backend}"
+addr = "{}"
 proxy_protocol = "v1"
-"#
-    )
+"#,
+        backend.addr
+    ))
+    .await;
+    (backend, listen, p)
 }
 
 // 6a.
 #[tokio::test]
 async fn inbound_proxy_from_a_trusted_peer_sets_the_client_address() {
     bounded(20, async {
-        let mut backend = RawBackend::tcp(Expect::V1).await;
-        let listen = free_addr();
-        let p = Portico::start(&inbound_config(listen, "127.0.0.1/32", &backend.addr)).await;
+        let (mut backend, listen, p) = start_inbound("127.0.0.1/32").await;
         let hello = fixture("curl-default.bin");
         let inbound = "PROXY TCP4 203.0.113.9 127.0.0.1 40000 443\r\n";
 
         let mut client = connect(listen).await;
         client.write_all(inbound.as_bytes()).await.unwrap();
-        client.write_all(&hello).await.unwrap();
-        let mut conn = backend.next(5 * SEC).await;
+        let (conn, got) = forward_hello(&mut client, &mut backend, &hello).await;
         let h = conn.header();
         assert_eq!(String::from_utf8_lossy(&h.raw), inbound);
         assert_eq!(h.source, Some("203.0.113.9:40000".parse().unwrap()));
-        let mut got = vec![0u8; hello.len()];
-        conn.stream.read_exact(&mut got).await.unwrap();
         assert_eq!(got, hello, "the hello follows the header, unchanged");
 
         // Same through a v2 inbound header.
         let mut client2 = connect(listen).await;
         client2.write_all(&v2_header_bytes()).await.unwrap();
-        client2.write_all(&hello).await.unwrap();
-        let mut conn2 = backend.next(5 * SEC).await;
+        let (conn2, got) = forward_hello(&mut client2, &mut backend, &hello).await;
         assert_eq!(
             String::from_utf8_lossy(&conn2.header().raw),
             "PROXY TCP4 203.0.113.9 127.0.0.1 40000 443\r\n"
         );
-        let mut got = vec![0u8; hello.len()];
-        conn2.stream.read_exact(&mut got).await.unwrap();
         assert_eq!(got, hello);
         assert_eq!(
             p.metric("portico_proxy_header_failures_total", &[]).await,
@@ -465,9 +501,7 @@ async fn inbound_proxy_from_a_trusted_peer_sets_the_client_address() {
 #[tokio::test]
 async fn inbound_proxy_from_an_untrusted_peer_is_closed() {
     bounded(20, async {
-        let mut backend = RawBackend::tcp(Expect::V1).await;
-        let listen = free_addr();
-        let p = Portico::start(&inbound_config(listen, "10.0.0.0/8", &backend.addr)).await;
+        let (mut backend, listen, p) = start_inbound("10.0.0.0/8").await;
         let mut client = connect(listen).await;
         let started = Instant::now();
         // Writes may fail once portico has closed: the close is what is tested.
@@ -484,20 +518,9 @@ async fn inbound_proxy_from_an_untrusted_peer_is_closed() {
         backend.expect_none(Duration::from_millis(200)).await;
         let lst = listen.to_string();
         let m = p.metrics_text().await;
-        assert_eq!(
-            metric_value(
-                &m,
-                "portico_proxy_header_failures_total",
-                &[("listener", &lst), ("reason", "untrusted")]
-            ),
-            1.0,
-            "{m}"
-        );
-        assert_eq!(
-            metric_value(&m, "portico_proxy_header_failures_total", &[]),
-            1.0,
-            "{m}"
-        );
+        let untrusted = [("listener", lst.as_str()), ("reason", "untrusted")];
+        assert_metric(&m, "portico_proxy_header_failures_total", &untrusted, 1.0);
+        assert_metric(&m, "portico_proxy_header_failures_total", &[], 1.0);
     })
     .await
 }
@@ -506,9 +529,7 @@ async fn inbound_proxy_from_an_untrusted_peer_is_closed() {
 #[tokio::test]
 async fn inbound_proxy_truncated_times_out_and_oversized_closes_at_once() {
     bounded(20, async {
-        let mut backend = RawBackend::tcp(Expect::V1).await;
-        let listen = free_addr();
-        let p = Portico::start(&inbound_config(listen, "127.0.0.1/32", &backend.addr)).await;
+        let (mut backend, listen, p) = start_inbound("127.0.0.1/32").await;
 
         let truncated = async {
             let mut c = connect(listen).await;
@@ -536,15 +557,8 @@ async fn inbound_proxy_truncated_times_out_and_oversized_closes_at_once() {
         let lst = listen.to_string();
         let m = p.metrics_text().await;
         for reason in ["timeout", "too_large"] {
-            assert_eq!(
-                metric_value(
-                    &m,
-                    "portico_proxy_header_failures_total",
-                    &[("listener", &lst), ("reason", reason)]
-                ),
-                1.0,
-                "reason {reason}\n{m}"
-            );
+            let labels = [("listener", lst.as_str()), ("reason", reason)];
+            assert_metric(&m, "portico_proxy_header_failures_total", &labels, 1.0);
         }
     })
     .await
@@ -621,26 +635,7 @@ addr = "{}"
 #[tokio::test]
 async fn client_hello_timeout_closes_silent_and_stalled_clients() {
     bounded(20, async {
-        let mut backend = RawBackend::tcp(Expect::None).await;
-        let listen = free_addr();
-        let p = Portico::start(&format!(
-            r#"
-[timeouts]
-client_hello = "500ms"
-
-[[listen]]
-addr = "{listen}"
-
-[[route]]
-sni = ["tunnel.test"]
-pass = "b"
-
-[backend.b]
-addr = "{}"
-"#,
-            backend.addr
-        ))
-        .await;
+        let (mut backend, listen, p) = start_tunnel("[timeouts]\nclient_hello = \"500ms\"\n").await;
 
         let window = Duration::from_millis(400)..=Duration::from_secs(2);
         let silent = async {
@@ -680,23 +675,7 @@ addr = "{}"
 #[tokio::test]
 async fn half_close_keeps_the_other_direction_open() {
     bounded(20, async {
-        let mut backend = RawBackend::tcp(Expect::None).await;
-        let listen = free_addr();
-        let _p = Portico::start(&format!(
-            r#"
-[[listen]]
-addr = "{listen}"
-
-[[route]]
-sni = ["tunnel.test"]
-pass = "b"
-
-[backend.b]
-addr = "{}"
-"#,
-            backend.addr
-        ))
-        .await;
+        let (mut backend, listen, _p) = start_tunnel("").await;
         let hello = fixture("curl-default.bin");
 
         // Client finishes first: the backend sees EOF, then still answers.
@@ -735,10 +714,7 @@ addr = "{}"
 
         // Backend finishes first: the client sees EOF, then can still send.
         let mut client = connect(listen).await;
-        client.write_all(&hello).await.unwrap();
-        let mut conn = backend.next(5 * SEC).await;
-        let mut got = vec![0u8; hello.len()];
-        conn.stream.read_exact(&mut got).await.unwrap();
+        let (mut conn, _) = forward_hello(&mut client, &mut backend, &hello).await;
         conn.stream.write_all(b"bye").await.unwrap();
         conn.stream.shutdown().await.unwrap();
         let mut back = Vec::new();
@@ -757,32 +733,10 @@ addr = "{}"
 #[tokio::test]
 async fn idle_tunnel_is_closed_on_both_sides_and_traffic_keeps_it_open() {
     bounded(20, async {
-        let mut backend = RawBackend::tcp(Expect::None).await;
-        let listen = free_addr();
-        let _p = Portico::start(&format!(
-            r#"
-[timeouts]
-idle = "400ms"
-
-[[listen]]
-addr = "{listen}"
-
-[[route]]
-sni = ["tunnel.test"]
-pass = "b"
-
-[backend.b]
-addr = "{}"
-"#,
-            backend.addr
-        ))
-        .await;
+        let (mut backend, listen, _p) = start_tunnel("[timeouts]\nidle = \"400ms\"\n").await;
         let hello = fixture("curl-default.bin");
         let mut client = connect(listen).await;
-        client.write_all(&hello).await.unwrap();
-        let mut conn = backend.next(5 * SEC).await;
-        let mut got = vec![0u8; hello.len()];
-        conn.stream.read_exact(&mut got).await.unwrap();
+        let (mut conn, _) = forward_hello(&mut client, &mut backend, &hello).await;
 
         // A byte every 150 ms, alternating directions, for 1.2 s: never idle.
         for i in 0..8u8 {
@@ -816,14 +770,10 @@ addr = "{}"
     .await
 }
 
-// 10.
-#[tokio::test]
-async fn unreachable_backend_closes_the_client_and_is_counted() {
-    bounded(20, async {
-        let gone = free_addr();
-        let listen = free_addr();
-        let p = Portico::start(&format!(
-            r#"
+/// One listener whose catch-all route passes to backend `gone` at `addr`.
+fn unreachable_config(listen: SocketAddr, addr: SocketAddr) -> String {
+    format!(
+        r#"
 [[listen]]
 addr = "{listen}"
 
@@ -831,10 +781,18 @@ addr = "{listen}"
 pass = "gone"
 
 [backend.gone]
-addr = "{gone}"
+addr = "{addr}"
 "#
-        ))
-        .await;
+    )
+}
+
+// 10.
+#[tokio::test]
+async fn unreachable_backend_closes_the_client_and_is_counted() {
+    bounded(20, async {
+        let gone = free_addr();
+        let listen = free_addr();
+        let p = Portico::start(&unreachable_config(listen, gone)).await;
         let mut client = connect(listen).await;
         client
             .write_all(&fixture("curl-default.bin"))
@@ -869,13 +827,8 @@ async fn log_lines_have_no_colour_codes_when_stderr_is_not_a_terminal() {
     bounded(20, async {
         let listen = free_addr();
         let gone = free_addr();
-        let p = Portico::start(&format!(
-            "[[listen]]\naddr = \"{listen}\"\n[[route]]\npass = \"gone\"\n[backend.gone]\naddr = \"{gone}\"\n"
-        ))
-        .await;
-        let mut client = connect(listen).await;
-        let _ = client.write_all(&fixture("curl-default.bin")).await;
-        expect_closed(&mut client, 2 * SEC).await;
+        let p = Portico::start(&unreachable_config(listen, gone)).await;
+        send_and_wait_close(listen, &fixture("curl-default.bin")).await;
         let stderr = p.stderr();
         assert!(stderr.contains("listening"), "stderr:\n{stderr}");
         assert!(!stderr.contains('\x1b'), "ANSI escapes in {stderr:?}");
@@ -891,31 +844,13 @@ async fn log_lines_have_no_colour_codes_when_stderr_is_not_a_terminal() {
 #[tokio::test]
 async fn malformed_oversized_and_unrouted_hellos_are_closed_and_counted() {
     bounded(20, async {
-        let mut backend = RawBackend::tcp(Expect::None).await;
-        let listen = free_addr();
-        let p = Portico::start(&format!(
-            r#"
-[[listen]]
-addr = "{listen}"
-
-[[route]]
-sni = ["tunnel.test"]
-pass = "b"
-
-[backend.b]
-addr = "{}"
-"#,
-            backend.addr
-        ))
-        .await;
+        let (mut backend, listen, p) = start_tunnel("").await;
 
         // A handshake record whose message is a ServerHello (type 2).
         let malformed = [
             0x16, 0x03, 0x01, 0x00, 0x08, 0x02, 0x00, 0x00, 0x04, 0x03, 0x03, 0x00, 0x00,
         ];
-        let mut c = connect(listen).await;
-        let _ = c.write_all(&malformed).await;
-        expect_closed(&mut c, 2 * SEC).await;
+        send_and_wait_close(listen, &malformed).await;
         assert_eq!(
             p.metric(
                 "portico_client_hello_failures_total",
@@ -925,54 +860,24 @@ addr = "{}"
             1.0
         );
 
-        let mut c = connect(listen).await;
-        let _ = c.write_all(&fixture("curl-api-http2.bin")).await;
-        expect_closed(&mut c, 2 * SEC).await;
+        send_and_wait_close(listen, &fixture("curl-api-http2.bin")).await;
         let m = p.metrics_text().await;
-        assert_eq!(
-            metric_value(
-                &m,
-                "portico_client_hello_failures_total",
-                &[("reason", "no_route")]
-            ),
-            1.0,
-            "{m}"
-        );
+        let no_route = [("reason", "no_route")];
+        assert_metric(&m, "portico_client_hello_failures_total", &no_route, 1.0);
 
         // A record declaring more than the 16 KiB a hello may take: refused
         // from its header, without waiting for the body.
-        let mut c = connect(listen).await;
-        let _ = c
-            .write_all(&[0x16, 0x03, 0x01, 0x48, 0x00, 0x01, 0x00, 0x47, 0xfc])
-            .await;
-        let took = expect_closed(&mut c, 2 * SEC).await;
+        let huge = [0x16, 0x03, 0x01, 0x48, 0x00, 0x01, 0x00, 0x47, 0xfc];
+        let took = send_and_wait_close(listen, &huge).await;
         assert!(took < SEC, "too large hello closed after {took:?}");
 
         let m = p.metrics_text().await;
-        assert_eq!(
-            metric_value(
-                &m,
-                "portico_client_hello_failures_total",
-                &[("reason", "too_large")]
-            ),
-            1.0,
-            "{m}"
-        );
-        assert_eq!(
-            metric_value(&m, "portico_client_hello_failures_total", &[]),
-            3.0,
-            "{m}"
-        );
+        let too_large = [("reason", "too_large")];
+        assert_metric(&m, "portico_client_hello_failures_total", &too_large, 1.0);
+        assert_metric(&m, "portico_client_hello_failures_total", &[], 3.0);
         let lst = listen.to_string();
-        assert_eq!(
-            metric_value(
-                &m,
-                "portico_connections_total",
-                &[("listener", &lst), ("action", "reject")]
-            ),
-            3.0,
-            "{m}"
-        );
+        let reject = [("listener", lst.as_str()), ("action", "reject")];
+        assert_metric(&m, "portico_connections_total", &reject, 3.0);
         backend.expect_none(Duration::from_millis(100)).await;
     })
     .await
