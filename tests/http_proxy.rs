@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, RwLock};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
-use common::{bounded, free_addr, Portico, TempDir};
+use common::{bounded, free_addr, rss_kib, Portico, TempDir};
 
 /// Write: this test runs alone in this binary. Read: shares with the others.
 /// tokio's lock is runtime-agnostic, so it works across the per-test runtimes.
@@ -761,7 +761,29 @@ impl Client {
     }
 
     async fn get(&mut self, path: &str) -> Response<Incoming> {
-        let req = self.req(Method::GET, path).body(empty()).unwrap();
+        self.request(Method::GET, path, &[]).await
+    }
+
+    /// A request without a body, with these extra headers.
+    async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Response<Incoming> {
+        let mut req = self.req(method, path);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        self.send(req.body(empty()).unwrap()).await
+    }
+
+    /// A GET with `host` in `Host` (HTTP/1.1) or `:authority` (h2).
+    async fn get_host(&mut self, path: &str, host: &str) -> Response<Incoming> {
+        let req = self
+            .req_host(Method::GET, path, host)
+            .body(empty())
+            .unwrap();
         self.send(req).await
     }
 
@@ -844,14 +866,13 @@ fn proxy_config(listen: SocketAddr, origin_url: &str) -> String {
     )
 }
 
-/// VmRSS of a process in KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+/// An HTTP/1.1 origin, and portico on a free address proxying everything
+/// to it ([`proxy_config`]).
+async fn proxied_origin() -> (Origin, SocketAddr, Portico) {
+    let origin = Origin::tcp(OriginProto::Http1).await;
+    let listen = free_addr();
+    let portico = Portico::start(&proxy_config(listen, &origin.url)).await;
+    (origin, listen, portico)
 }
 
 // ---------------------------------------------------------------- 1. SSE
@@ -860,9 +881,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 async fn sse_events_reach_the_client_as_the_origin_writes_them() {
     let _serial = SERIAL.write().await;
     bounded(30, async {
-        let mut origin = Origin::tcp(OriginProto::Http1).await;
-        let listen = free_addr();
-        let _p = Portico::start(&proxy_config(listen, &origin.url)).await;
+        let (mut origin, listen, _p) = proxied_origin().await;
         for proto in [Proto::H1, Proto::H2] {
             let mut c = Client::connect(listen, proto).await;
             let resp = c.get(&format!("/{}/sse", proto.name())).await;
@@ -920,9 +939,7 @@ async fn sse_events_reach_the_client_as_the_origin_writes_them() {
 async fn chunked_request_bodies_stream_to_the_origin() {
     let _serial = SERIAL.write().await;
     bounded(30, async {
-        let mut origin = Origin::tcp(OriginProto::Http1).await;
-        let listen = free_addr();
-        let _p = Portico::start(&proxy_config(listen, &origin.url)).await;
+        let (mut origin, listen, _p) = proxied_origin().await;
         for proto in [Proto::H1, Proto::H2] {
             let path = format!("/{}/slow-upload", proto.name());
             let mut c = Client::connect(listen, proto).await;
@@ -985,9 +1002,7 @@ async fn chunked_request_bodies_stream_to_the_origin() {
 async fn large_bodies_stream_both_ways_in_bounded_memory() {
     let _serial = SERIAL.write().await;
     bounded(120, async {
-        let origin = Origin::tcp(OriginProto::Http1).await;
-        let listen = free_addr();
-        let p = Portico::start(&proxy_config(listen, &origin.url)).await;
+        let (origin, listen, p) = proxied_origin().await;
         let pid = p.pid();
         let size: u64 = 256 * MIB;
         let idle_rss = rss_kib(pid).expect("read VmRSS");
@@ -1057,6 +1072,19 @@ async fn large_bodies_stream_both_ways_in_bounded_memory() {
 
 // ---------------------------------------------------------------- 4. forwarded headers
 
+/// GETs `path` with `headers`, expects 200 and returns what the origin received.
+async fn seen_by_origin(
+    c: &mut Client,
+    origin: &Origin,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Seen {
+    let resp = c.request(Method::GET, path, headers).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let _ = body_text(resp).await;
+    origin.only(path)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_sees_forwarding_headers_and_no_hop_by_hop() {
     let _serial = SERIAL.read().await;
@@ -1064,34 +1092,24 @@ async fn upstream_sees_forwarding_headers_and_no_hop_by_hop() {
         let origin = Origin::tcp(OriginProto::Http1).await;
         let listen = free_addr();
         let proxied = free_addr();
-        let rest = format!(
-            "[upstream.origin]\nurl = \"{}\"\n\n[[listen]]\naddr = \"{proxied}\"\n\
-             accept_proxy = true\ntrusted = [\"127.0.0.1/32\"]\n",
-            origin.url
-        );
-        let _p = Portico::start(&config(
-            listen,
-            "[[site.api.location]]\npath = \"/\"\nupstream = \"origin\"\n",
-            &rest,
-        ))
-        .await;
+        let cfg = proxy_config(listen, &origin.url)
+            + &format!(
+                "\n[[listen]]\naddr = \"{proxied}\"\n\
+                 accept_proxy = true\ntrusted = [\"127.0.0.1/32\"]\n"
+            );
+        let _p = Portico::start(&cfg).await;
 
         // HTTP/1.1 with everything a client might send.
         let mut c = Client::connect(listen, Proto::H1).await;
-        let req = c
-            .req(Method::GET, "/h1/headers")
-            .header("x-real-ip", "6.6.6.6")
-            .header("x-forwarded-for", "1.2.3.4")
-            .header("session_id", "abc")
-            .header("connection", "x-foo")
-            .header("x-foo", "1")
-            .header("keep-alive", "timeout=5")
-            .body(empty())
-            .unwrap();
-        let resp = c.send(req).await;
-        assert_eq!(resp.status(), StatusCode::OK);
-        let _ = body_text(resp).await;
-        let s = origin.only("/h1/headers");
+        let headers = [
+            ("x-real-ip", "6.6.6.6"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("session_id", "abc"),
+            ("connection", "x-foo"),
+            ("x-foo", "1"),
+            ("keep-alive", "timeout=5"),
+        ];
+        let s = seen_by_origin(&mut c, &origin, "/h1/headers", &headers).await;
         assert_eq!(s.version, Version::HTTP_11);
         assert_eq!(s.header("host"), Some("api.test"));
         assert_eq!(s.header_count("x-real-ip"), 1);
@@ -1117,16 +1135,8 @@ async fn upstream_sees_forwarding_headers_and_no_hop_by_hop() {
 
         // h2: `:authority` becomes Host.
         let mut c = Client::connect(listen, Proto::H2).await;
-        let req = c
-            .req(Method::GET, "/h2/headers")
-            .header("x-real-ip", "6.6.6.6")
-            .header("session_id", "abc")
-            .body(empty())
-            .unwrap();
-        let resp = c.send(req).await;
-        assert_eq!(resp.status(), StatusCode::OK);
-        let _ = body_text(resp).await;
-        let s = origin.only("/h2/headers");
+        let headers = [("x-real-ip", "6.6.6.6"), ("session_id", "abc")];
+        let s = seen_by_origin(&mut c, &origin, "/h2/headers", &headers).await;
         assert_eq!(s.version, Version::HTTP_11, "h1 upstream");
         assert_eq!(s.header("host"), Some("api.test"));
         assert_eq!(s.header("x-real-ip"), Some("127.0.0.1"));
@@ -1148,15 +1158,8 @@ async fn upstream_sees_forwarding_headers_and_no_hop_by_hop() {
         )
         .await;
         let mut c = Client::over(tls, Proto::H1, "api.test").await;
-        let req = c
-            .req(Method::GET, "/pp/headers")
-            .header("x-real-ip", "6.6.6.6")
-            .body(empty())
-            .unwrap();
-        let resp = c.send(req).await;
-        assert_eq!(resp.status(), StatusCode::OK);
-        let _ = body_text(resp).await;
-        let s = origin.only("/pp/headers");
+        let headers = [("x-real-ip", "6.6.6.6")];
+        let s = seen_by_origin(&mut c, &origin, "/pp/headers", &headers).await;
         assert_eq!(s.header("x-real-ip"), Some("198.51.100.7"));
         assert_eq!(s.header("x-forwarded-for"), Some("198.51.100.7"));
         assert_eq!(
@@ -1173,9 +1176,7 @@ async fn upstream_sees_forwarding_headers_and_no_hop_by_hop() {
 async fn client_going_away_cancels_the_upstream_request() {
     let _serial = SERIAL.write().await;
     bounded(30, async {
-        let mut origin = Origin::tcp(OriginProto::Http1).await;
-        let listen = free_addr();
-        let _p = Portico::start(&proxy_config(listen, &origin.url)).await;
+        let (mut origin, listen, _p) = proxied_origin().await;
 
         // (path, client protocol, what the client does)
         let cases = [
@@ -1348,30 +1349,18 @@ upstream_connect = "300ms"
         assert_eq!(body_text(resp).await, "short and stout");
 
         // 421: a Host this site is not routed for, over both protocols.
-        let req = c
-            .req_host(Method::GET, "/up/headers", "other.test")
-            .body(empty())
-            .unwrap();
-        let resp = c.send(req).await;
+        let resp = c.get_host("/up/headers", "other.test").await;
         assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
         assert_eq!(
             body_text(resp).await,
             "host \"other.test\" is not served on this connection\n"
         );
         let mut c2 = Client::connect(listen, Proto::H2).await;
-        let req = c2
-            .req_host(Method::GET, "/up/headers", "other.test")
-            .body(empty())
-            .unwrap();
-        let resp = c2.send(req).await;
+        let resp = c2.get_host("/up/headers", "other.test").await;
         assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
         let _ = body_text(resp).await;
         // ... while the routed name with a port is fine.
-        let req = c
-            .req_host(Method::GET, "/up/headers", "API.test:443")
-            .body(empty())
-            .unwrap();
-        let resp = c.send(req).await;
+        let resp = c.get_host("/up/headers", "API.test:443").await;
         assert_eq!(resp.status(), StatusCode::OK);
         let _ = body_text(resp).await;
         assert_eq!(origin.seen_target("/up/headers").len(), 1);
@@ -1493,12 +1482,9 @@ upstream = "origin"
         for proto in [Proto::H1, Proto::H2] {
             let mut c = Client::connect(listen, proto).await;
             let path = format!("/{}/allowed", proto.name());
-            let req = c
-                .req(Method::GET, &path)
-                .header(header::ORIGIN, "https://app.test")
-                .body(empty())
-                .unwrap();
-            let resp = c.send(req).await;
+            let resp = c
+                .request(Method::GET, &path, &[("origin", "https://app.test")])
+                .await;
             assert_eq!(resp.status(), StatusCode::OK);
             assert_eq!(
                 header_str(&resp, "access-control-allow-origin"),
@@ -1514,12 +1500,9 @@ upstream = "origin"
         }
 
         let mut c = Client::connect(listen, Proto::H1).await;
-        let req = c
-            .req(Method::GET, "/denied")
-            .header(header::ORIGIN, "https://evil.test")
-            .body(empty())
-            .unwrap();
-        let resp = c.send(req).await;
+        let resp = c
+            .request(Method::GET, "/denied", &[("origin", "https://evil.test")])
+            .await;
         assert_eq!(resp.status(), StatusCode::OK);
         for h in [
             "access-control-allow-origin",
@@ -1533,14 +1516,12 @@ upstream = "origin"
         let _ = body_text(resp).await;
 
         // Preflight: answered by portico, never forwarded.
-        let req = c
-            .req(Method::OPTIONS, "/v1/chat")
-            .header(header::ORIGIN, "https://app.test")
-            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
-            .header(header::ACCESS_CONTROL_REQUEST_HEADERS, "content-type")
-            .body(empty())
-            .unwrap();
-        let resp = c.send(req).await;
+        let preflight = [
+            ("origin", "https://app.test"),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "content-type"),
+        ];
+        let resp = c.request(Method::OPTIONS, "/v1/chat", &preflight).await;
         assert_eq!(resp.status(), StatusCode::NO_CONTENT);
         assert_eq!(
             header_str(&resp, "access-control-allow-origin"),
@@ -1560,13 +1541,11 @@ upstream = "origin"
         assert_eq!(body_text(resp).await, "");
 
         // A disallowed preflight gets no CORS headers (observed: 204, empty).
-        let req = c
-            .req(Method::OPTIONS, "/v1/chat")
-            .header(header::ORIGIN, "https://evil.test")
-            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
-            .body(empty())
-            .unwrap();
-        let resp = c.send(req).await;
+        let preflight = [
+            ("origin", "https://evil.test"),
+            ("access-control-request-method", "POST"),
+        ];
+        let resp = c.request(Method::OPTIONS, "/v1/chat", &preflight).await;
         assert_eq!(resp.status(), StatusCode::NO_CONTENT);
         assert_eq!(header_str(&resp, "access-control-allow-origin"), None);
         assert_eq!(header_str(&resp, "access-control-allow-methods"), None);
@@ -1642,6 +1621,14 @@ async fn plain_http_is_redirected_to_https() {
 
 // ---------------------------------------------------------------- 9. pooling and h2c
 
+/// How many origin-side connections these requests came over.
+fn distinct_conns(seen: &[Seen]) -> usize {
+    let mut conns: Vec<u64> = seen.iter().map(|s| s.conn).collect();
+    conns.sort_unstable();
+    conns.dedup();
+    conns.len()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_and_h2c_works() {
     let _serial = SERIAL.read().await;
@@ -1666,21 +1653,15 @@ async fn upstream_connections_are_reused_and_h2c_works() {
         }
         let seen = pooled.seen();
         assert_eq!(seen.len(), 20);
-        let mut conns: Vec<u64> = seen.iter().map(|s| s.conn).collect();
-        conns.sort_unstable();
-        conns.dedup();
-        eprintln!(
-            "[keepalive] 20 sequential requests used {} upstream connection(s)",
-            conns.len()
-        );
+        let conns = distinct_conns(&seen);
+        eprintln!("[keepalive] 20 sequential requests used {conns} upstream connection(s)");
         assert!(
-            conns.len() < 20,
+            conns < 20,
             "every request opened its own upstream connection"
         );
         assert!(
-            conns.len() <= 2,
-            "20 sequential requests used {} upstream connections",
-            conns.len()
+            conns <= 2,
+            "20 sequential requests used {conns} upstream connections"
         );
 
         for proto in [Proto::H1, Proto::H2] {
@@ -1706,12 +1687,9 @@ async fn upstream_connections_are_reused_and_h2c_works() {
             let i = s.target.rsplit('/').next().unwrap();
             assert_eq!(s.body, format!("body {i}").as_bytes());
         }
-        let mut conns: Vec<u64> = seen.iter().map(|s| s.conn).collect();
-        conns.sort_unstable();
-        conns.dedup();
         eprintln!(
             "[h2c] 10 requests used {} upstream connection(s)",
-            conns.len()
+            distinct_conns(&seen)
         );
     })
     .await;
