@@ -67,6 +67,15 @@ url = "http://{upstream}"
     )
 }
 
+/// A recording upstream and portico running [`site_config`] with `extra`
+/// on a fresh address.
+async fn start_site(extra: &str) -> (RecordingUpstream, SocketAddr, Portico) {
+    let up = RecordingUpstream::start().await;
+    let addr = free_addr();
+    let p = Portico::start(&site_config(addr, up.addr, extra)).await;
+    (up, addr, p)
+}
+
 /// TLS to portico for `api.test`, offering `alpn`.
 async fn tls(addr: SocketAddr, alpn: &[u8]) -> Tls {
     let tcp = tokio::time::timeout(STEP, TcpStream::connect(addr))
@@ -79,6 +88,23 @@ async fn tls(addr: SocketAddr, alpn: &[u8]) -> Tls {
         .await
         .expect("TLS handshake timed out")
         .expect("TLS handshake failed")
+}
+
+/// A fresh HTTP/1.1 connection with `request` written on it.
+async fn h1_sent(addr: SocketAddr, request: &str) -> Tls {
+    let mut s = tls(addr, b"http/1.1").await;
+    s.write_all(request.as_bytes()).await.unwrap();
+    s
+}
+
+/// `GET path` with `Host` and `n` more header lines `X-H{i}: v`.
+fn get_with_headers(path: &str, n: usize) -> String {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: api.test\r\n");
+    for i in 0..n {
+        req.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    req
 }
 
 /// Read an HTTP/1.1 response head (up to the blank line); `None` when the
@@ -140,6 +166,15 @@ async fn closes_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Durat
     }
 }
 
+/// The targets of the requests the upstream saw, each cut to its first `n`
+/// bytes.
+fn short_targets(rec: &common::Recorded, n: usize) -> Vec<&str> {
+    rec.requests
+        .iter()
+        .map(|r| &r.target[..r.target.len().min(n)])
+        .collect()
+}
+
 /// A fresh TLS connection, `GET path` over HTTP/1.1, whole response read:
 /// the status and how long it all took.
 async fn timed_get(addr: SocketAddr, path: &str) -> (u16, Duration) {
@@ -192,6 +227,29 @@ async fn metric_reaches(
 /// A connection that sent nothing: portico holds it in the ClientHello stage.
 async fn silent(addr: SocketAddr) -> TcpStream {
     TcpStream::connect(addr).await.expect("connect")
+}
+
+/// `n` [`silent`] connections, once the listener's active gauge reaches
+/// `n` (or [`STEP`] passes): the connections and the gauge's last value.
+async fn hold_silent(p: &Portico, addr: SocketAddr, n: usize) -> (Vec<TcpStream>, f64) {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(silent(addr).await);
+    }
+    let listener = addr.to_string();
+    let labels = [("listener", listener.as_str())];
+    let active = metric_reaches(p, "portico_connections_active", &labels, n as f64, STEP).await;
+    (held, active)
+}
+
+/// One more [`silent`] connection, which must be closed within 200 ms:
+/// the refusals counted for `limit` once they reach 1 (or [`STEP`] passes).
+async fn one_more_is_refused(p: &Portico, addr: SocketAddr, limit: &str) -> f64 {
+    let mut extra = silent(addr).await;
+    let took = expect_closed(&mut extra, Duration::from_millis(200)).await;
+    eprintln!("connection over {limit} closed after {:.1} ms", ms(took));
+    let labels = [("limit", limit)];
+    metric_reaches(p, "portico_connections_refused_total", &labels, 1.0, STEP).await
 }
 
 // ---------------------------------------------------------------- raw h2
@@ -347,40 +405,13 @@ async fn h2_get(
 async fn max_connections_refuses_the_next_connection_at_once() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
-        let up = RecordingUpstream::start().await;
-        let addr = free_addr();
-        let p = Portico::start(&site_config(
-            addr,
-            up.addr,
-            "[limits]\nmax_connections = 5\n[timeouts]\nclient_hello = \"20s\"",
-        ))
-        .await;
+        let (_up, addr, p) =
+            start_site("[limits]\nmax_connections = 5\n[timeouts]\nclient_hello = \"20s\"").await;
         let listener = addr.to_string();
-        let mut held = Vec::new();
-        for _ in 0..5 {
-            held.push(silent(addr).await);
-        }
-        let active = metric_reaches(
-            &p,
-            "portico_connections_active",
-            &[("listener", &listener)],
-            5.0,
-            STEP,
-        )
-        .await;
+        let (mut held, active) = hold_silent(&p, addr, 5).await;
         assert_eq!(active, 5.0, "five connections held");
 
-        let mut sixth = silent(addr).await;
-        let took = expect_closed(&mut sixth, Duration::from_millis(200)).await;
-        eprintln!("6th connection closed after {:.1} ms", ms(took));
-        let refused = metric_reaches(
-            &p,
-            "portico_connections_refused_total",
-            &[("limit", "max_connections")],
-            1.0,
-            STEP,
-        )
-        .await;
+        let refused = one_more_is_refused(&p, addr, "max_connections").await;
         assert_eq!(refused, 1.0, "refusal counted once");
 
         // Releasing one lets a new client in, and it is served.
@@ -420,41 +451,14 @@ async fn max_connections_refuses_the_next_connection_at_once() {
 async fn max_pending_hellos_refuses_the_next_silent_connection() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
-        let up = RecordingUpstream::start().await;
-        let addr = free_addr();
-        let p = Portico::start(&site_config(
-            addr,
-            up.addr,
-            "[limits]\nmax_pending_hellos = 3\n[timeouts]\nclient_hello = \"20s\"",
-        ))
-        .await;
-        let listener = addr.to_string();
-        let mut held = Vec::new();
-        for _ in 0..3 {
-            held.push(silent(addr).await);
-        }
-        metric_reaches(
-            &p,
-            "portico_connections_active",
-            &[("listener", &listener)],
-            3.0,
-            STEP,
-        )
-        .await;
+        let (_up, addr, p) =
+            start_site("[limits]\nmax_pending_hellos = 3\n[timeouts]\nclient_hello = \"20s\"")
+                .await;
+        let (mut held, _) = hold_silent(&p, addr, 3).await;
         // The gauge moves before the pending permit is taken.
         tokio::time::sleep(Duration::from_millis(100)).await;
 
-        let mut fourth = silent(addr).await;
-        let took = expect_closed(&mut fourth, Duration::from_millis(200)).await;
-        eprintln!("4th silent connection closed after {:.1} ms", ms(took));
-        let refused = metric_reaches(
-            &p,
-            "portico_connections_refused_total",
-            &[("limit", "max_pending_hellos")],
-            1.0,
-            STEP,
-        )
-        .await;
+        let refused = one_more_is_refused(&p, addr, "max_pending_hellos").await;
         assert_eq!(refused, 1.0);
 
         // A client that finishes its hello frees its slot: the next one is served.
@@ -473,13 +477,9 @@ async fn max_pending_hellos_refuses_the_next_silent_connection() {
 async fn oversized_heads_get_431_and_long_targets_414() {
     let _serial = SERIAL.lock().await;
     bounded(40, async {
-        let up = RecordingUpstream::start().await;
-        let addr = free_addr();
-        let _p = Portico::start(&site_config(
-            addr,
-            up.addr,
+        let (up, addr, _p) = start_site(
             "[limits]\nmax_header_size = \"64KiB\"\nmax_headers = 100\nmax_uri_length = 8192",
-        ))
+        )
         .await;
 
         // h1: one 70 KiB header.
@@ -494,13 +494,7 @@ async fn oversized_heads_get_431_and_long_targets_414() {
         assert_eq!(status, Some(431), "70 KiB header over HTTP/1.1");
 
         // h1: 101 headers.
-        let mut s = tls(addr, b"http/1.1").await;
-        let mut req = String::from("GET /h1-many HTTP/1.1\r\nHost: api.test\r\n");
-        for i in 0..101 {
-            req.push_str(&format!("X-H{i}: v\r\n"));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
+        let mut s = h1_sent(addr, &get_with_headers("/h1-many", 101)).await;
         assert_eq!(
             read_head(&mut s).await.map(|h| h.0),
             Some(431),
@@ -508,13 +502,7 @@ async fn oversized_heads_get_431_and_long_targets_414() {
         );
 
         // Exactly 100 header lines pass.
-        let mut s = tls(addr, b"http/1.1").await;
-        let mut req = String::from("GET /h1-hundred HTTP/1.1\r\nHost: api.test\r\n");
-        for i in 0..99 {
-            req.push_str(&format!("X-H{i}: v\r\n"));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
+        let mut s = h1_sent(addr, &get_with_headers("/h1-hundred", 99)).await;
         assert_eq!(
             read_head(&mut s).await.map(|h| h.0),
             Some(200),
@@ -523,10 +511,7 @@ async fn oversized_heads_get_431_and_long_targets_414() {
 
         // h1: a 9000-byte path.
         let long_path = format!("/{}", "p".repeat(8999));
-        let mut s = tls(addr, b"http/1.1").await;
-        s.write_all(format!("GET {long_path} HTTP/1.1\r\nHost: api.test\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        let mut s = h1_sent(addr, &get_with_headers(&long_path, 0)).await;
         assert_eq!(
             read_response(&mut s).await.map(|h| h.0),
             Some(414),
@@ -535,10 +520,7 @@ async fn oversized_heads_get_431_and_long_targets_414() {
         // 8192 bytes exactly is fine.
         let ok_path = format!("/{}", "p".repeat(8191));
         // A fresh connection: portico may close the one that got the 414.
-        let mut s = tls(addr, b"http/1.1").await;
-        s.write_all(format!("GET {ok_path} HTTP/1.1\r\nHost: api.test\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        let mut s = h1_sent(addr, &get_with_headers(&ok_path, 0)).await;
         let status = read_response(&mut s).await.map(|h| h.0);
         assert_eq!(status, Some(200), "8192-byte path, h1");
 
@@ -568,11 +550,7 @@ async fn oversized_heads_get_431_and_long_targets_414() {
         );
 
         let rec = up.snapshot();
-        let targets: Vec<&str> = rec
-            .requests
-            .iter()
-            .map(|r| &r.target[..r.target.len().min(20)])
-            .collect();
+        let targets = short_targets(&rec, 20);
         assert_eq!(
             targets,
             ["/h1-hundred", &ok_path[..20], "/after"],
@@ -588,9 +566,7 @@ async fn oversized_heads_get_431_and_long_targets_414() {
 async fn h2_max_concurrent_streams_is_advertised_and_enforced() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
-        let up = RecordingUpstream::start().await;
-        let addr = free_addr();
-        let _p = Portico::start(&site_config(addr, up.addr, "[limits]\nmax_h2_streams = 4")).await;
+        let (_up, addr, _p) = start_site("[limits]\nmax_h2_streams = 4").await;
 
         let s = tls(addr, b"h2").await;
         let (client, mut conn) = h2::client::handshake(s).await.expect("h2 handshake");
@@ -646,14 +622,9 @@ async fn a_thousand_slow_hellos_are_cut_at_the_timeout_without_hurting_others() 
         "RLIMIT_NOFILE is {limit}: too low for {SLOW} connections on both ends"
     );
     bounded(40, async {
-        let up = RecordingUpstream::start().await;
-        let addr = free_addr();
-        let p = Portico::start(&site_config(
-            addr,
-            up.addr,
-            "[limits]\nmax_pending_hellos = 2000\n[timeouts]\nclient_hello = \"3s\"",
-        ))
-        .await;
+        let (_up, addr, p) =
+            start_site("[limits]\nmax_pending_hellos = 2000\n[timeouts]\nclient_hello = \"3s\"")
+                .await;
 
         // Baseline: fresh connection + request through the terminate route.
         for _ in 0..3 {
@@ -748,66 +719,53 @@ async fn a_thousand_slow_hellos_are_cut_at_the_timeout_without_hurting_others() 
 
 // ================================================================ 6. slow request heads
 
+/// Write `partial` (perhaps nothing) on `s` and wait for portico to give
+/// up on the request head: the response head, if any came, and how long
+/// that took.
+async fn stalled(s: &mut Tls, partial: &[u8], what: &str) -> (Option<(u16, String)>, Duration) {
+    let started = Instant::now();
+    s.write_all(partial).await.unwrap();
+    let head = read_head(s).await;
+    let took = started.elapsed();
+    eprintln!("{what} -> {head:?} after {:.0} ms", ms(took));
+    (head, took)
+}
+
+/// Cut at the 1 s `request_header` timeout, with room for a loaded machine.
+fn about_1s(took: Duration) -> bool {
+    took >= Duration::from_millis(900) && took <= Duration::from_millis(2500)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_request_head_is_cut_at_request_header() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
-        let up = RecordingUpstream::start().await;
-        let addr = free_addr();
-        let _p = Portico::start(&site_config(
-            addr,
-            up.addr,
-            "[timeouts]\nrequest_header = \"1s\"",
-        ))
-        .await;
+        let (up, addr, _p) = start_site("[timeouts]\nrequest_header = \"1s\"").await;
 
         let mut s = tls(addr, b"http/1.1").await;
-        let started = Instant::now();
-        s.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
-        let head = read_head(&mut s).await;
-        let took = started.elapsed();
-        eprintln!("stalled head -> {head:?} after {:.0} ms", ms(took));
+        let (head, took) = stalled(&mut s, b"GET / HTTP/1.1\r\nHo", "stalled head").await;
         if let Some((status, _)) = &head {
             assert_eq!(*status, 408, "a stalled head is answered 408 or closed");
             assert!(closes_within(&mut s, STEP).await, "closed after the 408");
         }
-        assert!(
-            took >= Duration::from_millis(900) && took <= Duration::from_millis(2500),
-            "cut after {took:?}, want about 1 s"
-        );
+        assert!(about_1s(took), "cut after {took:?}, want about 1 s");
 
         // A keep-alive connection that goes quiet after one request.
-        let mut s = tls(addr, b"http/1.1").await;
-        s.write_all(b"GET /ok HTTP/1.1\r\nHost: api.test\r\n\r\n")
-            .await
-            .unwrap();
+        let mut s = h1_sent(addr, "GET /ok HTTP/1.1\r\nHost: api.test\r\n\r\n").await;
         assert_eq!(read_response(&mut s).await.map(|h| h.0), Some(200));
-        let started = Instant::now();
-        s.write_all(b"GET /ok HTTP/1.1\r\nHo").await.unwrap();
-        let head = read_head(&mut s).await;
-        let took = started.elapsed();
-        eprintln!("stalled second head -> {head:?} after {:.0} ms", ms(took));
+        let (head, took) = stalled(&mut s, b"GET /ok HTTP/1.1\r\nHo", "stalled second head").await;
         assert!(head.as_ref().is_none_or(|h| h.0 == 408), "{head:?}");
         assert!(
-            took >= Duration::from_millis(900) && took <= Duration::from_millis(2500),
+            about_1s(took),
             "second head cut after {took:?}, want about 1 s"
         );
         // A keep-alive connection that stays silent after a response.
-        let mut s = tls(addr, b"http/1.1").await;
-        s.write_all(b"GET /ok HTTP/1.1\r\nHost: api.test\r\n\r\n")
-            .await
-            .unwrap();
+        let mut s = h1_sent(addr, "GET /ok HTTP/1.1\r\nHost: api.test\r\n\r\n").await;
         assert_eq!(read_response(&mut s).await.map(|h| h.0), Some(200));
-        let started = Instant::now();
-        let head = read_head(&mut s).await;
-        let took = started.elapsed();
-        eprintln!(
-            "idle keep-alive connection -> {head:?} after {:.0} ms",
-            ms(took)
-        );
+        let (head, took) = stalled(&mut s, b"", "idle keep-alive connection").await;
         assert!(head.as_ref().is_none_or(|h| h.0 == 408), "{head:?}");
         assert!(
-            took >= Duration::from_millis(900) && took <= Duration::from_millis(2500),
+            about_1s(took),
             "idle keep-alive connection closed after {took:?}, want about 1 s"
         );
         assert!(
@@ -829,14 +787,7 @@ async fn a_stalled_request_head_is_cut_at_request_header() {
 async fn a_silent_client_after_the_handshake_is_cut_at_request_header() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
-        let up = RecordingUpstream::start().await;
-        let addr = free_addr();
-        let _p = Portico::start(&site_config(
-            addr,
-            up.addr,
-            "[timeouts]\nrequest_header = \"1s\"",
-        ))
-        .await;
+        let (_up, addr, _p) = start_site("[timeouts]\nrequest_header = \"1s\"").await;
         let cases: [(&[u8], &[u8]); 3] = [
             (b"http/1.1", b""),
             (b"h2", b""),
@@ -946,9 +897,7 @@ async fn continuation_flood(addr: SocketAddr) -> (usize, H2Outcome) {
 async fn h2_rapid_reset_and_continuation_floods_close_the_connection() {
     let _serial = SERIAL.lock().await;
     bounded(60, async {
-        let up = RecordingUpstream::start().await;
-        let addr = free_addr();
-        let p = Portico::start(&site_config(addr, up.addr, "")).await;
+        let (_up, addr, p) = start_site("").await;
         let pid = p.pid();
 
         // Warm up (TLS, pools, allocator), then the baseline.
@@ -1191,19 +1140,12 @@ struct Observed {
 
 async fn run_attack(addr: SocketAddr, up: &RecordingUpstream, a: &Attack) -> Observed {
     up.clear();
-    let mut s = tls(addr, b"http/1.1").await;
-    s.write_all(format!("{}{NEXT}", a.bytes).as_bytes())
-        .await
-        .unwrap();
+    let mut s = h1_sent(addr, &format!("{}{NEXT}", a.bytes)).await;
     let status = read_head(&mut s).await.map(|h| h.0);
     let closed = closes_within(&mut s, Duration::from_millis(500)).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let rec = up.snapshot();
-    let targets: Vec<&str> = rec
-        .requests
-        .iter()
-        .map(|r| &r.target[..r.target.len().min(24)])
-        .collect();
+    let targets = short_targets(&rec, 24);
     eprintln!(
         "{:<40} -> {status:?}, closed after: {closed}, upstream: {} bytes, requests {targets:?}",
         a.name,
@@ -1233,9 +1175,7 @@ async fn run_attack(addr: SocketAddr, up: &RecordingUpstream, a: &Attack) -> Obs
 async fn smuggling_attempts_never_reach_the_upstream_ambiguously() {
     let _serial = SERIAL.lock().await;
     bounded(60, async {
-        let up = RecordingUpstream::start().await;
-        let addr = free_addr();
-        let _p = Portico::start(&site_config(addr, up.addr, "")).await;
+        let (up, addr, _p) = start_site("").await;
 
         // The recorder works: a plain request arrives as one request.
         let (status, _) = timed_get(addr, "/control").await;
@@ -1322,9 +1262,7 @@ async fn smuggling_attempts_never_reach_the_upstream_ambiguously() {
 async fn a_refused_request_closes_its_connection() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
-        let up = RecordingUpstream::start().await;
-        let addr = free_addr();
-        let _p = Portico::start(&site_config(addr, up.addr, "")).await;
+        let (up, addr, _p) = start_site("").await;
         let mut problems = Vec::new();
         for a in attacks() {
             let Want::Refuse(_) = a.want else { continue };
@@ -1345,6 +1283,21 @@ async fn a_refused_request_closes_its_connection() {
 }
 
 // ================================================================ 9. PROXY headers
+
+/// [`metric_reaches`] for `portico_proxy_header_failures_total` of
+/// `listener` and `reason`.
+async fn proxy_failures_reach(p: &Portico, listener: SocketAddr, reason: &str, want: f64) -> f64 {
+    let listener = listener.to_string();
+    let labels = [("listener", listener.as_str()), ("reason", reason)];
+    metric_reaches(
+        p,
+        "portico_proxy_header_failures_total",
+        &labels,
+        want,
+        STEP,
+    )
+    .await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_proxy_headers_are_refused_quickly_and_bounded() {
@@ -1371,7 +1324,6 @@ trusted = ["127.0.0.0/8"]
         );
         let addr = free_addr();
         let p = Portico::start(&site_config(addr, up.addr, &extra)).await;
-        let failures = "portico_proxy_header_failures_total";
 
         // Untrusted peer: closed at once, whatever it sends.
         let mut s = TcpStream::connect(untrusting).await.unwrap();
@@ -1380,12 +1332,10 @@ trusted = ["127.0.0.0/8"]
             .unwrap();
         let took = expect_closed(&mut s, Duration::from_millis(100)).await;
         eprintln!("untrusted PROXY peer closed after {:.1} ms", ms(took));
-        let untrusted = [
-            ("listener", untrusting.to_string()),
-            ("reason", "untrusted".into()),
-        ];
-        let labels: Vec<(&str, &str)> = untrusted.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        assert_eq!(metric_reaches(&p, failures, &labels, 1.0, STEP).await, 1.0);
+        assert_eq!(
+            proxy_failures_reach(&p, untrusting, "untrusted", 1.0).await,
+            1.0
+        );
 
         // Truncated v2 header, then silence: closed at the client_hello timeout.
         let mut s = TcpStream::connect(trusting).await.unwrap();
@@ -1396,16 +1346,8 @@ trusted = ["127.0.0.0/8"]
             took >= Duration::from_millis(900) && took <= Duration::from_millis(2000),
             "truncated header held {took:?}, want the 1 s client_hello timeout"
         );
-        let t = trusting.to_string();
         assert_eq!(
-            metric_reaches(
-                &p,
-                failures,
-                &[("listener", &t), ("reason", "timeout")],
-                1.0,
-                STEP
-            )
-            .await,
+            proxy_failures_reach(&p, trusting, "timeout", 1.0).await,
             1.0
         );
 
@@ -1423,14 +1365,7 @@ trusted = ["127.0.0.0/8"]
         );
         assert!(took <= Duration::from_millis(100));
         assert_eq!(
-            metric_reaches(
-                &p,
-                failures,
-                &[("listener", &t), ("reason", "too_large")],
-                1.0,
-                STEP
-            )
-            .await,
+            proxy_failures_reach(&p, trusting, "too_large", 1.0).await,
             1.0
         );
 
@@ -1466,14 +1401,7 @@ trusted = ["127.0.0.0/8"]
         }
         assert!(refused, "writes after the refusal keep succeeding");
         assert_eq!(
-            metric_reaches(
-                &p,
-                failures,
-                &[("listener", &t), ("reason", "too_large")],
-                2.0,
-                STEP
-            )
-            .await,
+            proxy_failures_reach(&p, trusting, "too_large", 2.0).await,
             2.0
         );
         assert_eq!(up.snapshot().connections, 0, "nothing reached the upstream");
