@@ -34,37 +34,29 @@ pub trait Socket: AsFd {
     ) -> io::Result<R>;
 }
 
-impl Socket for TcpStream {
-    async fn ready_read(&self) -> io::Result<()> {
-        self.readable().await
-    }
-    async fn ready_write(&self) -> io::Result<()> {
-        self.writable().await
-    }
-    fn try_io_with<R>(
-        &self,
-        interest: Interest,
-        f: impl FnOnce() -> io::Result<R>,
-    ) -> io::Result<R> {
-        self.try_io(interest, f)
-    }
+/// TCP and Unix streams have the same inherent readiness methods but no
+/// common trait for them in tokio.
+macro_rules! impl_socket {
+    ($($t:ty),*) => {$(
+        impl Socket for $t {
+            async fn ready_read(&self) -> io::Result<()> {
+                self.readable().await
+            }
+            async fn ready_write(&self) -> io::Result<()> {
+                self.writable().await
+            }
+            fn try_io_with<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                self.try_io(interest, f)
+            }
+        }
+    )*};
 }
 
-impl Socket for UnixStream {
-    async fn ready_read(&self) -> io::Result<()> {
-        self.readable().await
-    }
-    async fn ready_write(&self) -> io::Result<()> {
-        self.writable().await
-    }
-    fn try_io_with<R>(
-        &self,
-        interest: Interest,
-        f: impl FnOnce() -> io::Result<R>,
-    ) -> io::Result<R> {
-        self.try_io(interest, f)
-    }
-}
+impl_socket!(TcpStream, UnixStream);
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC).map_err(io::Error::from)

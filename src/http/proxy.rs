@@ -150,10 +150,10 @@ pub async fn handle(
             .and_then(|h| h.to_str().ok())
             .map(str::to_string),
     };
-    let unmatched = |loc: &str, err: ProxyError| {
-        let _ = loc;
+    // Every answered request holds the connection's in-flight mark.
+    let exchange = |metrics: Arc<m::LocationMetrics>| {
         let mut ex = Exchange::new(
-            site.unmatched.clone(),
+            metrics,
             method,
             path.clone(),
             protocol,
@@ -162,19 +162,23 @@ pub async fn handle(
             progress.clone(),
         );
         ex.in_flight = Some(conn.verdict.begin());
+        ex
+    };
+    let unmatched = |err: ProxyError| {
+        let mut ex = exchange(site.unmatched.clone());
         let resp = err.response();
         ex.error = Some(err.to_string());
         ex.respond(resp.status().as_u16(), StreamKind::Http);
         finish(resp, ex, &site)
     };
     if let Some(refusal) = conn.verdict.get() {
-        return unmatched("none", ProxyError::BadRequest(refusal.message()));
+        return unmatched(ProxyError::BadRequest(refusal.message()));
     }
     // A request refused before its body was looked at: on HTTP/1.x read no
     // further requests from the connection that sent it (as nginx does), so
     // nothing pipelined behind a malformed request reaches an upstream.
     let refuse = |err: ProxyError| {
-        let mut resp = unmatched("none", err);
+        let mut resp = unmatched(err);
         if req.version() < Version::HTTP_2 {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -190,23 +194,14 @@ pub async fn handle(
     if !site.config.any_name {
         let host = headers::host_name(&authority);
         if !site.admits_host(&host) {
-            return unmatched("none", ProxyError::MisdirectedHost(host));
+            return unmatched(ProxyError::MisdirectedHost(host));
         }
     }
     let Some(idx) = site.router.find(&path) else {
-        return unmatched("none", ProxyError::NoLocation(path.clone()));
+        return unmatched(ProxyError::NoLocation(path.clone()));
     };
     let loc = &site.locations[idx];
-    let mut ex = Exchange::new(
-        loc.metrics.clone(),
-        method,
-        path.clone(),
-        protocol,
-        conn.client,
-        started,
-        progress.clone(),
-    );
-    ex.in_flight = Some(conn.verdict.begin());
+    let mut ex = exchange(loc.metrics.clone());
 
     let origin = req.headers().get(header::ORIGIN).cloned();
     let cors = site.config.cors.as_ref();
@@ -242,7 +237,7 @@ pub async fn handle(
         }
         Target::Upstream(_) => {
             let Some(client) = loc.client.clone() else {
-                return unmatched("none", ProxyError::Internal("upstream client missing"));
+                return unmatched(ProxyError::Internal("upstream client missing"));
             };
             if websocket::is_upgrade(&req) {
                 if !loc.websocket {

@@ -91,6 +91,10 @@ pub async fn proxy(
         ex.respond(r.status().as_u16(), StreamKind::Http);
         finish(r, ex, site)
     };
+    let reset = |e: hyper::Error| ProxyError::UpstreamReset {
+        upstream: client.config.name.clone(),
+        detail: e.to_string(),
+    };
 
     // A dedicated HTTP/1.1 connection: upgraded sockets never return to a pool.
     let io = match client.connect_raw().await {
@@ -102,15 +106,7 @@ pub async fn proxy(
             .await
         {
             Ok(x) => x,
-            Err(e) => {
-                return fail(
-                    ex,
-                    ProxyError::UpstreamReset {
-                        upstream: client.config.name.clone(),
-                        detail: e.to_string(),
-                    },
-                )
-            }
+            Err(e) => return fail(ex, reset(e)),
         };
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
@@ -159,15 +155,7 @@ pub async fn proxy(
 
     let mut up_resp = match sender.send_request(up_req).await {
         Ok(r) => r,
-        Err(e) => {
-            return fail(
-                ex,
-                ProxyError::UpstreamReset {
-                    upstream: client.config.name.clone(),
-                    detail: e.to_string(),
-                },
-            )
-        }
+        Err(e) => return fail(ex, reset(e)),
     };
     if up_resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         if h2 && up_resp.status().is_success() {
