@@ -41,7 +41,9 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use common::{bounded, checksum, free_addr, pseudo_random, Portico};
+use common::{
+    bounded, checksum, free_addr, insecure_connector, pseudo_random, raise_nofile_limit, Portico,
+};
 
 /// Write: this test runs alone in this binary. Read: shares with the others.
 static SERIAL: RwLock<()> = RwLock::const_new(());
@@ -85,8 +87,13 @@ struct Handshake {
 
 impl Handshake {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
+        header_str(&self.headers, name)
     }
+}
+
+/// Header `name` as text, if present and visible ASCII.
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// What happened on one upstream WebSocket.
@@ -109,19 +116,33 @@ struct WsUpstream {
     task: JoinHandle<()>,
 }
 
+/// A loopback listener that counts the connections it accepts and hands
+/// each to a task of its own: its address, the count, the accept task.
+async fn serve<F, Fut>(what: &str, conn: F) -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind {what}: {e:?}"));
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(conn(tcp));
+        }
+    });
+    (addr, accepted, task)
+}
+
 impl WsUpstream {
     async fn start(config: WebSocketConfig) -> WsUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
         let (tx, events) = mpsc::unbounded_channel();
-        let count = accepted.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(ws_echo(tcp, config, tx.clone()));
-            }
-        });
+        let (addr, accepted, task) =
+            serve("echo", move |tcp| ws_echo(tcp, config, tx.clone())).await;
         WsUpstream {
             addr,
             accepted,
@@ -180,10 +201,7 @@ impl Callback for Record {
             target: req.uri().to_string(),
             headers: req.headers().clone(),
         }));
-        let first = req
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
+        let first = header_str(req.headers(), "sec-websocket-protocol")
             .and_then(|v| v.split(',').next())
             .map(|p| p.trim().to_string());
         if let Some(p) = first {
@@ -253,16 +271,7 @@ struct RawUpstream {
 
 impl RawUpstream {
     async fn start(kind: RawKind) -> RawUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind raw");
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(raw_conn(tcp, kind));
-            }
-        });
+        let (addr, accepted, task) = serve("raw", move |tcp| raw_conn(tcp, kind)).await;
         RawUpstream {
             addr,
             accepted,
@@ -449,34 +458,53 @@ url = "http://{}"
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+
+    /// The WebSocket stream gauge of `responses`, polled as [`Self::metric_eventually`].
+    async fn ws_streams(&self, want: f64, within: Duration) -> f64 {
+        self.metric_eventually(STREAMS_ACTIVE, &[SITE, LOC, KIND_WS], want, within)
+            .await
+    }
+
+    /// The messages counted on `responses` (client to upstream, upstream
+    /// to client), each polled as [`Self::metric_eventually`].
+    async fn messages_each_way(&self, want: f64, within: Duration) -> (f64, f64) {
+        let c2u = self
+            .metric_eventually(WS_MESSAGES, &[SITE, LOC, C2U], want, within)
+            .await;
+        let u2c = self
+            .metric_eventually(WS_MESSAGES, &[SITE, LOC, U2C], want, within)
+            .await;
+        (c2u, u2c)
+    }
+
+    /// `portico_http_requests_total` for one location, status and protocol.
+    async fn requests(&self, location: &str, status: &str, protocol: &str) -> f64 {
+        let labels = [
+            SITE,
+            ("location", location),
+            ("status", status),
+            ("protocol", protocol),
+        ];
+        self.portico
+            .metric("portico_http_requests_total", &labels)
+            .await
+    }
 }
 
 // ---------------------------------------------------------------- clients
 
-fn client_tls(alpn: &[u8]) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(common::AcceptAny::new(provider))
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    Arc::new(cfg)
-}
-
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
-async fn try_tls(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> io::Result<Tls> {
+async fn try_tls(addr: SocketAddr, connector: TlsConnector) -> io::Result<Tls> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from("api.test").expect("server name");
-    TlsConnector::from(cfg).connect(name, tcp).await
+    connector.connect(name, tcp).await
 }
 
 /// TLS to portico for `api.test`, ALPN `alpn` (which must be negotiated).
 async fn tls(addr: SocketAddr, alpn: &[u8]) -> Tls {
-    let tls = tokio::time::timeout(STEP, try_tls(addr, client_tls(alpn)))
+    let tls = tokio::time::timeout(STEP, try_tls(addr, insecure_connector(&[alpn])))
         .await
         .expect("TLS handshake timed out")
         .expect("TLS handshake failed");
@@ -527,6 +555,17 @@ async fn echo<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, ms
     assert_eq!(next_msg(ws).await, msg);
 }
 
+/// Send a Ping with `payload` and expect the Pong with the same payload.
+async fn ping_pong<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, payload: Bytes) {
+    ws.send(Message::Ping(payload.clone())).await.expect("ping");
+    assert_eq!(next_msg(ws).await, Message::Pong(payload));
+}
+
+/// One frame of a fragmented message: `data` as `opcode`, final if `fin`.
+fn fragment(data: &'static [u8], opcode: OpCode, fin: bool) -> Message {
+    Message::Frame(Frame::message(Bytes::from_static(data), opcode, fin))
+}
+
 /// After a Close was exchanged: the stream must end cleanly.
 async fn expect_end<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) {
     match tokio::time::timeout(STEP, ws.next()).await {
@@ -562,11 +601,7 @@ async fn close_from_client<S: AsyncRead + AsyncWrite + Unpin>(
         .await
         .expect("close timed out")
         .expect("close failed");
-    assert_eq!(close_of(&next_msg(ws).await), Some((1000, "done".into())));
-    expect_end(ws).await;
-    let (closes, err) = echo.until_ended().await;
-    assert_eq!(closes, vec![Some((1000, "done".to_string()))]);
-    assert_eq!(err, None, "upstream ended with an error");
+    close_completes(ws, echo, 1000, "done").await;
 }
 
 /// Upstream-initiated close (4001 "bye" after `close-me`): the client sees
@@ -576,10 +611,22 @@ async fn close_from_upstream<S: AsyncRead + AsyncWrite + Unpin>(
     echo: &mut WsUpstream,
 ) {
     ws.send(Message::text("close-me")).await.expect("send");
-    assert_eq!(close_of(&next_msg(ws).await), Some((4001, "bye".into())));
+    close_completes(ws, echo, 4001, "bye").await;
+}
+
+/// The rest of a close handshake with Close `code` `reason`: the client
+/// receives it, then the end; the upstream received exactly that Close
+/// and ended cleanly.
+async fn close_completes<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    echo: &mut WsUpstream,
+    code: u16,
+    reason: &str,
+) {
+    assert_eq!(close_of(&next_msg(ws).await), Some((code, reason.into())));
     expect_end(ws).await;
     let (closes, err) = echo.until_ended().await;
-    assert_eq!(closes, vec![Some((4001, "bye".to_string()))]);
+    assert_eq!(closes, vec![Some((code, reason.to_string()))]);
     assert_eq!(err, None, "upstream ended with an error");
 }
 
@@ -690,6 +737,17 @@ impl H2 {
             headers,
         )
     }
+
+    /// An extended CONNECT that must be answered with `status` (no tunnel):
+    /// the whole body, and the request's stream, left open.
+    async fn refused(&mut self, path: &str, status: StatusCode) -> (String, h2::SendStream<Bytes>) {
+        let (resp, send) = self
+            .connect_ws(path)
+            .await
+            .expect("extended CONNECT answered");
+        assert_eq!(resp.status(), status, "extended CONNECT status");
+        (h2_body(resp.into_body()).await, send)
+    }
 }
 
 impl Drop for H2 {
@@ -710,6 +768,14 @@ async fn h2_body(mut recv: h2::RecvStream) -> String {
         out.extend_from_slice(&chunk);
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An error body of exactly one line, ending in a newline.
+fn assert_one_line(body: &str) {
+    assert!(
+        body.ends_with('\n') && body.matches('\n').count() == 1,
+        "{body:?}"
+    );
 }
 
 /// AsyncRead + AsyncWrite over one h2 stream: DATA frames both ways,
@@ -810,28 +876,6 @@ impl AsyncWrite for H2Io {
 
 // ---------------------------------------------------------------- fd limit
 
-/// Raise RLIMIT_NOFILE's soft limit towards `want` (never above the hard
-/// limit); portico, spawned later, inherits it. Returns the soft limit now.
-fn raise_nofile(want: u64) -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let cur = getrlimit(Resource::Nofile);
-    let soft = cur.current.unwrap_or(u64::MAX);
-    if soft >= want {
-        return soft;
-    }
-    let target = cur.maximum.map_or(want, |hard| hard.min(want));
-    if target > soft {
-        let _ = setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: Some(target),
-                maximum: cur.maximum,
-            },
-        );
-    }
-    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
-}
-
 /// The soft RLIMIT_NOFILE of process `pid`, from `/proc/PID/limits`.
 fn child_nofile(pid: u32) -> Option<u64> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
@@ -856,9 +900,7 @@ async fn h1_websocket_relays_messages_pings_and_closes_both_ways() {
         let (mut ws, resp_headers) = ws_h1(env.addr, "/v1/responses", big_config()).await;
         // The upstream's choice of subprotocol reaches the client.
         assert_eq!(
-            resp_headers
-                .get("sec-websocket-protocol")
-                .and_then(|v| v.to_str().ok()),
+            header_str(&resp_headers, "sec-websocket-protocol"),
             Some("chat.v1")
         );
 
@@ -912,28 +954,18 @@ async fn h1_websocket_relays_messages_pings_and_closes_both_ways() {
 
         // A message the client fragments into three frames comes back whole.
         for (data, opcode, fin) in [
-            ("frag", OpCode::Data(Data::Text), false),
-            ("men", OpCode::Data(Data::Continue), false),
-            ("ted", OpCode::Data(Data::Continue), true),
+            (&b"frag"[..], OpCode::Data(Data::Text), false),
+            (b"men", OpCode::Data(Data::Continue), false),
+            (b"ted", OpCode::Data(Data::Continue), true),
         ] {
-            ws.send(Message::Frame(Frame::message(
-                Bytes::from_static(data.as_bytes()),
-                opcode,
-                fin,
-            )))
-            .await
-            .expect("send fragment");
+            ws.send(fragment(data, opcode, fin))
+                .await
+                .expect("send fragment");
         }
         assert_eq!(next_msg(&mut ws).await, Message::text("fragmented"));
 
         // Ping -> pong with the same payload.
-        ws.send(Message::Ping(Bytes::from_static(b"are you there")))
-            .await
-            .expect("ping");
-        assert_eq!(
-            next_msg(&mut ws).await,
-            Message::Pong(Bytes::from_static(b"are you there"))
-        );
+        ping_pong(&mut ws, Bytes::from_static(b"are you there")).await;
 
         // Client closes 1000 "done": the upstream receives exactly that.
         close_from_client(&mut ws, &mut env.echo).await;
@@ -962,10 +994,7 @@ async fn refused_upgrade_is_relayed_and_disabled_websocket_gets_426() {
         let (status, headers, body) = h1_upgrade_request(env.addr, "/refused").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body, "no ws here");
-        assert_eq!(
-            headers.get("content-type").and_then(|v| v.to_str().ok()),
-            Some("text/plain")
-        );
+        assert_eq!(header_str(&headers, "content-type"), Some("text/plain"));
         assert!(headers.get("upgrade").is_none(), "{headers:?}");
         assert_eq!(env.refuser.accepted.load(Ordering::SeqCst), 1);
 
@@ -986,12 +1015,8 @@ async fn refused_upgrade_is_relayed_and_disabled_websocket_gets_426() {
             (StatusCode::FORBIDDEN, "no ws here")
         );
         let mut h2 = H2::connect(env.addr).await;
-        let (resp, _send) = h2
-            .connect_ws("/refused-403")
-            .await
-            .expect("extended CONNECT");
-        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-        assert_eq!(h2_body(resp.into_body()).await, "no ws here");
+        let (h2_text, _send) = h2.refused("/refused-403", StatusCode::FORBIDDEN).await;
+        assert_eq!(h2_text, "no ws here");
         assert_eq!(env.refuser.accepted.load(Ordering::SeqCst), 4);
 
         // websocket = false: 426 with a one-line plain body, over h1 and h2,
@@ -999,18 +1024,13 @@ async fn refused_upgrade_is_relayed_and_disabled_websocket_gets_426() {
         let (status, headers, body) = h1_upgrade_request(env.addr, "/nows").await;
         assert_eq!(status, StatusCode::UPGRADE_REQUIRED);
         assert_eq!(
-            headers.get("content-type").and_then(|v| v.to_str().ok()),
+            header_str(&headers, "content-type"),
             Some("text/plain; charset=utf-8")
         );
-        assert!(
-            body.ends_with('\n') && body.matches('\n').count() == 1,
-            "{body:?}"
-        );
+        assert_one_line(&body);
         assert!(body.contains("WebSocket"), "{body:?}");
 
-        let (resp, _send) = h2.connect_ws("/nows").await.expect("extended CONNECT");
-        assert_eq!(resp.status(), StatusCode::UPGRADE_REQUIRED);
-        let h2_text = h2_body(resp.into_body()).await;
+        let (h2_text, _send) = h2.refused("/nows", StatusCode::UPGRADE_REQUIRED).await;
         assert_eq!(h2_text, body, "same one-line body over h2");
 
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1019,19 +1039,9 @@ async fn refused_upgrade_is_relayed_and_disabled_websocket_gets_426() {
             0,
             "the upstream of a websocket = false location got a connection"
         );
-        let p = &env.portico;
         for proto in ["http1", "h2"] {
             assert_eq!(
-                p.metric(
-                    "portico_http_requests_total",
-                    &[
-                        SITE,
-                        ("location", "nows"),
-                        ("status", "426"),
-                        ("protocol", proto)
-                    ]
-                )
-                .await,
+                env.requests("nows", "426", proto).await,
                 1.0,
                 "426 counted once over {proto}"
             );
@@ -1051,30 +1061,9 @@ async fn h2_refused_upgrade_with_200_becomes_502() {
     bounded(20, async {
         let env = Env::start("", big_config()).await;
         let mut h2 = H2::connect(env.addr).await;
-        let (resp, _send) = h2
-            .connect_ws("/refused")
-            .await
-            .expect("extended CONNECT answered");
-        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-        let body = h2_body(resp.into_body()).await;
-        assert!(
-            body.ends_with('\n') && body.matches('\n').count() == 1,
-            "{body:?}"
-        );
-        assert_eq!(
-            env.portico
-                .metric(
-                    "portico_http_requests_total",
-                    &[
-                        SITE,
-                        ("location", "refused"),
-                        ("status", "502"),
-                        ("protocol", "h2")
-                    ]
-                )
-                .await,
-            1.0
-        );
+        let (body, _send) = h2.refused("/refused", StatusCode::BAD_GATEWAY).await;
+        assert_one_line(&body);
+        assert_eq!(env.requests("refused", "502", "h2").await, 1.0);
     })
     .await;
 }
@@ -1090,49 +1079,30 @@ async fn messages_are_counted_per_direction_and_the_stream_gauge_returns_to_zero
         let (mut ws, _) = ws_h1(env.addr, "/v1/responses", big_config()).await;
         let _ = env.echo.handshake().await;
         assert_eq!(
-            env.metric_eventually(STREAMS_ACTIVE, &[SITE, LOC, KIND_WS], 1.0, STEP)
-                .await,
+            env.ws_streams(1.0, STEP).await,
             1.0,
             "one WebSocket stream open"
         );
         for i in 0..K {
             echo(&mut ws, Message::text(format!("message {i}"))).await;
             if i % 3 == 0 {
-                ws.send(Message::Ping(Bytes::from_static(b"p")))
-                    .await
-                    .expect("ping");
-                assert_eq!(
-                    next_msg(&mut ws).await,
-                    Message::Pong(Bytes::from_static(b"p"))
-                );
+                ping_pong(&mut ws, Bytes::from_static(b"p")).await;
             }
         }
         // One fragmented message (3 frames, one with a ping between them)
         // is one message; its echo is one frame.
-        ws.send(Message::Frame(Frame::message(
-            Bytes::from_static(b"a"),
-            OpCode::Data(Data::Binary),
-            false,
-        )))
-        .await
-        .unwrap();
+        ws.send(fragment(b"a", OpCode::Data(Data::Binary), false))
+            .await
+            .unwrap();
         ws.send(Message::Ping(Bytes::from_static(b"mid")))
             .await
             .unwrap();
-        ws.send(Message::Frame(Frame::message(
-            Bytes::from_static(b"b"),
-            OpCode::Data(Data::Continue),
-            false,
-        )))
-        .await
-        .unwrap();
-        ws.send(Message::Frame(Frame::message(
-            Bytes::from_static(b"c"),
-            OpCode::Data(Data::Continue),
-            true,
-        )))
-        .await
-        .unwrap();
+        ws.send(fragment(b"b", OpCode::Data(Data::Continue), false))
+            .await
+            .unwrap();
+        ws.send(fragment(b"c", OpCode::Data(Data::Continue), true))
+            .await
+            .unwrap();
         assert_eq!(
             next_msg(&mut ws).await,
             Message::Pong(Bytes::from_static(b"mid"))
@@ -1142,25 +1112,14 @@ async fn messages_are_counted_per_direction_and_the_stream_gauge_returns_to_zero
         hang_up(ws).await;
 
         let want = (K + 1) as f64;
-        let c2u = env
-            .metric_eventually(WS_MESSAGES, &[SITE, LOC, C2U], want, Duration::from_secs(2))
-            .await;
-        let u2c = env
-            .metric_eventually(WS_MESSAGES, &[SITE, LOC, U2C], want, Duration::from_secs(2))
-            .await;
+        let (c2u, u2c) = env.messages_each_way(want, Duration::from_secs(2)).await;
         assert_eq!(
             (c2u, u2c),
             (want, want),
             "messages client->upstream, upstream->client"
         );
         assert_eq!(
-            env.metric_eventually(
-                STREAMS_ACTIVE,
-                &[SITE, LOC, KIND_WS],
-                0.0,
-                Duration::from_secs(2)
-            )
-            .await,
+            env.ws_streams(0.0, Duration::from_secs(2)).await,
             0.0,
             "the WebSocket stream gauge did not return to 0 within 2s of the close"
         );
@@ -1207,14 +1166,7 @@ async fn stream_is_released_when_the_upstream_closed_and_the_client_lingers() {
         let _ = env.echo.handshake().await;
         close_from_upstream(&mut ws2, &mut env.echo).await;
         // Both clients keep their socket / stream open from here on.
-        let open = env
-            .metric_eventually(
-                STREAMS_ACTIVE,
-                &[SITE, LOC, KIND_WS],
-                0.0,
-                Duration::from_secs(3),
-            )
-            .await;
+        let open = env.ws_streams(0.0, Duration::from_secs(3)).await;
         assert_eq!(
             open, 0.0,
             "streams still held 3s after the upstream closed (h1 + h2 clients lingering)"
@@ -1241,9 +1193,7 @@ async fn h2_extended_connect_is_bridged_to_an_http1_upgrade() {
             );
         }
         assert_eq!(
-            headers
-                .get("sec-websocket-protocol")
-                .and_then(|v| v.to_str().ok()),
+            header_str(&headers, "sec-websocket-protocol"),
             Some("chat.v1")
         );
 
@@ -1278,13 +1228,7 @@ async fn h2_extended_connect_is_bridged_to_an_http1_upgrade() {
             ),
             other => panic!("expected the 3 MiB echo, got {:?}", other.len()),
         }
-        ws.send(Message::Ping(Bytes::from_static(b"h2 ping")))
-            .await
-            .unwrap();
-        assert_eq!(
-            next_msg(&mut ws).await,
-            Message::Pong(Bytes::from_static(b"h2 ping"))
-        );
+        ping_pong(&mut ws, Bytes::from_static(b"h2 ping")).await;
         close_from_client(&mut ws, &mut env.echo).await;
         hang_up(ws).await;
 
@@ -1296,16 +1240,7 @@ async fn h2_extended_connect_is_bridged_to_an_http1_upgrade() {
         hang_up(ws).await;
 
         let p = &env.portico;
-        assert_eq!(
-            env.metric_eventually(
-                STREAMS_ACTIVE,
-                &[SITE, LOC, KIND_WS],
-                0.0,
-                Duration::from_secs(2)
-            )
-            .await,
-            0.0
-        );
+        assert_eq!(env.ws_streams(0.0, Duration::from_secs(2)).await, 0.0);
         // Text, binary, 3 MiB on the first stream; one text (+ close-me) on the second.
         assert_eq!(p.metric(WS_MESSAGES, &[SITE, LOC, C2U]).await, 5.0);
         assert_eq!(p.metric(WS_MESSAGES, &[SITE, LOC, U2C]).await, 4.0);
@@ -1341,30 +1276,12 @@ async fn abrupt_upstream_reset_ends_the_client_side_quickly() {
         // h1: within 1 s the client's WebSocket fails (no clean close: the
         // upstream never sent a Close frame).
         let (mut ws, _) = ws_h1(env.addr, "/reset", big_config()).await;
-        let sent = Instant::now();
-        ws.send(Message::text("hello")).await.expect("send");
-        let outcome = tokio::time::timeout(Duration::from_secs(1), ws.next())
-            .await
-            .expect("h1 client still connected 1s after the upstream reset");
-        eprintln!("h1: ended {:?} after the send: {outcome:?}", sent.elapsed());
-        assert!(
-            matches!(outcome, Some(Err(_))),
-            "h1: expected an abnormal end, got {outcome:?}"
-        );
+        fails_within_1s(&mut ws, "h1").await;
 
         // h2: within 1 s the WebSocket over the stream fails the same way.
         let mut h2 = H2::connect(env.addr).await;
         let (mut ws, _) = h2.ws("/reset", big_config()).await;
-        let sent = Instant::now();
-        ws.send(Message::text("hello")).await.expect("send");
-        let outcome = tokio::time::timeout(Duration::from_secs(1), ws.next())
-            .await
-            .expect("h2 stream still open 1s after the upstream reset");
-        eprintln!("h2: ended {:?} after the send: {outcome:?}", sent.elapsed());
-        assert!(
-            matches!(outcome, Some(Err(_))),
-            "h2: expected an abnormal end, got {outcome:?}"
-        );
+        fails_within_1s(&mut ws, "h2").await;
         let reset = tokio::time::timeout(
             Duration::from_secs(1),
             futures_util::future::poll_fn(|cx| ws.get_mut().send.poll_reset(cx)),
@@ -1389,7 +1306,46 @@ async fn abrupt_upstream_reset_ends_the_client_side_quickly() {
     .await;
 }
 
+/// Send `hello` towards the resetting upstream: within 1 s the WebSocket
+/// must end with an error (`proto` names it in the messages).
+async fn fails_within_1s<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    proto: &str,
+) {
+    let sent = Instant::now();
+    ws.send(Message::text("hello")).await.expect("send");
+    let outcome = tokio::time::timeout(Duration::from_secs(1), ws.next())
+        .await
+        .unwrap_or_else(|_| panic!("{proto} WebSocket still open 1s after the upstream reset"));
+    eprintln!(
+        "{proto}: ended {:?} after the send: {outcome:?}",
+        sent.elapsed()
+    );
+    assert!(
+        matches!(outcome, Some(Err(_))),
+        "{proto}: expected an abnormal end, got {outcome:?}"
+    );
+}
+
 // ---------------------------------------------------------------- 6. idle
+
+/// Echo one message, then stay silent: how long until the WebSocket ended
+/// (its end, an error or a Close), which must be within 3 s.
+async fn silent_until_closed<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    proto: &str,
+) -> Duration {
+    echo(ws, Message::text("once")).await;
+    let quiet_since = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(3), ws.next())
+        .await
+        .unwrap_or_else(|_| panic!("silent {proto} WebSocket still open after 3s"));
+    assert!(
+        matches!(end, None | Some(Err(_)) | Some(Ok(Message::Close(_)))),
+        "{end:?}"
+    );
+    quiet_since.elapsed()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_ends_silent_websockets_but_not_pinging_ones() {
@@ -1401,31 +1357,13 @@ async fn idle_timeout_ends_silent_websockets_but_not_pinging_ones() {
         // Silent over h1.
         let silent_h1 = tokio::spawn(async move {
             let (mut ws, _) = ws_h1(addr, "/v1/responses", big_config()).await;
-            echo(&mut ws, Message::text("once")).await;
-            let quiet_since = Instant::now();
-            let end = tokio::time::timeout(Duration::from_secs(3), ws.next())
-                .await
-                .expect("silent h1 WebSocket still open after 3s");
-            assert!(
-                matches!(end, None | Some(Err(_)) | Some(Ok(Message::Close(_)))),
-                "{end:?}"
-            );
-            quiet_since.elapsed()
+            silent_until_closed(&mut ws, "h1").await
         });
         // Silent over h2.
         let silent_h2 = tokio::spawn(async move {
             let mut h2 = H2::connect(addr).await;
             let (mut ws, _) = h2.ws("/v1/responses", big_config()).await;
-            echo(&mut ws, Message::text("once")).await;
-            let quiet_since = Instant::now();
-            let end = tokio::time::timeout(Duration::from_secs(3), ws.next())
-                .await
-                .expect("silent h2 WebSocket still open after 3s");
-            assert!(
-                matches!(end, None | Some(Err(_)) | Some(Ok(Message::Close(_)))),
-                "{end:?}"
-            );
-            let elapsed = quiet_since.elapsed();
+            let elapsed = silent_until_closed(&mut ws, "h2").await;
             // Only the stream ended: the connection takes another.
             let (mut ws, _) = h2.ws("/v1/responses", big_config()).await;
             echo(&mut ws, Message::text("again")).await;
@@ -1438,9 +1376,7 @@ async fn idle_timeout_ends_silent_websockets_but_not_pinging_ones() {
             let mut n = 0u32;
             while started.elapsed() < Duration::from_millis(1500) {
                 tokio::time::sleep(Duration::from_millis(150)).await;
-                let payload = Bytes::from(format!("ping {n}"));
-                ws.send(Message::Ping(payload.clone())).await.expect("ping");
-                assert_eq!(next_msg(&mut ws).await, Message::Pong(payload));
+                ping_pong(&mut ws, Bytes::from(format!("ping {n}"))).await;
                 n += 1;
             }
             echo(&mut ws, Message::text("still open")).await;
@@ -1470,7 +1406,7 @@ async fn a_thousand_concurrent_websockets() {
     const MESSAGES: usize = 10;
     let _serial = SERIAL.write().await;
     // Each socket costs 2 descriptors here (client, upstream side) and 2 in portico.
-    let nofile = raise_nofile(8192);
+    let nofile = raise_nofile_limit(8192);
     assert!(
         nofile >= (2 * N + 256) as u64,
         "RLIMIT_NOFILE is {nofile}, too low for {N} WebSockets"
@@ -1484,7 +1420,7 @@ async fn a_thousand_concurrent_websockets() {
             "portico's RLIMIT_NOFILE is {child}, too low for {N} WebSockets"
         );
         let started = Instant::now();
-        let cfg = client_tls(b"http/1.1");
+        let cfg = insecure_connector(&[b"http/1.1"]);
         let connecting = Arc::new(Semaphore::new(64));
         let opened = Arc::new(Barrier::new(N + 1));
         let go = Arc::new(Barrier::new(N + 1));
@@ -1557,23 +1493,9 @@ async fn a_thousand_concurrent_websockets() {
         assert_eq!(open, N as f64, "all {N} streams open at once");
         assert_eq!(env.echo.accepted.load(Ordering::SeqCst), N);
         let want = (N * MESSAGES) as f64;
-        let c2u = env
-            .metric_eventually(WS_MESSAGES, &[SITE, LOC, C2U], want, Duration::from_secs(5))
-            .await;
-        let u2c = env
-            .metric_eventually(WS_MESSAGES, &[SITE, LOC, U2C], want, Duration::from_secs(5))
-            .await;
+        let (c2u, u2c) = env.messages_each_way(want, Duration::from_secs(5)).await;
         assert_eq!((c2u, u2c), (want, want));
-        assert_eq!(
-            env.metric_eventually(
-                STREAMS_ACTIVE,
-                &[SITE, LOC, KIND_WS],
-                0.0,
-                Duration::from_secs(5)
-            )
-            .await,
-            0.0
-        );
+        assert_eq!(env.ws_streams(0.0, Duration::from_secs(5)).await, 0.0);
     })
     .await;
 }
