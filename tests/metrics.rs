@@ -345,6 +345,41 @@ impl Checks {
     }
 }
 
+/// The labels of a `portico_http_requests_total` series of site `api`.
+fn api_request<'a>(
+    location: &'a str,
+    method: &'a str,
+    status: &'a str,
+    protocol: &'a str,
+) -> [(&'a str, &'a str); 5] {
+    [
+        ("site", "api"),
+        ("location", location),
+        ("method", method),
+        ("status", status),
+        ("protocol", protocol),
+    ]
+}
+
+/// The labels `site="api"`, `location` and one more, `key="value"`.
+fn api_labels<'a>(location: &'a str, key: &'a str, value: &'a str) -> [(&'a str, &'a str); 3] {
+    [("site", "api"), ("location", location), (key, value)]
+}
+
+/// The labels of a `portico_connections_total` series.
+fn conn_labels<'a>(listener: &'a str, route: &'a str, action: &'a str) -> [(&'a str, &'a str); 3] {
+    [("listener", listener), ("route", route), ("action", action)]
+}
+
+/// `portico_tunnel_bytes_total` of `backend` is `up` upstream and `down`
+/// downstream.
+fn check_tunnel_bytes(c: &mut Checks, text: &str, backend: &str, up: usize, down: usize) {
+    let name = "portico_tunnel_bytes_total";
+    let dir = |d| [("backend", backend), ("direction", d)];
+    c.series(text, name, &dir("upstream"), up as f64);
+    c.series(text, name, &dir("downstream"), down as f64);
+}
+
 // ---------------------------------------------------------------- origin (hyper, HTTP/1.1)
 
 /// A body fed by a channel, one frame per message; an `Err` fails the body
@@ -361,6 +396,11 @@ impl Body for ChanBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.0.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
     }
+}
+
+/// Send `chunk` down a [`ChanBody`]; false once the body is gone.
+async fn feed(tx: &mpsc::Sender<Result<Bytes, BoxError>>, chunk: &'static [u8]) -> bool {
+    tx.send(Ok(Bytes::from_static(chunk))).await.is_ok()
 }
 
 fn full(b: impl Into<Bytes>) -> TestBody {
@@ -403,7 +443,7 @@ async fn origin_handle(req: Request<Incoming>) -> Response<TestBody> {
                     if i > 0 {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
-                    if tx.send(Ok(Bytes::from_static(w.as_bytes()))).await.is_err() {
+                    if !feed(&tx, w.as_bytes()).await {
                         return;
                     }
                 }
@@ -412,20 +452,12 @@ async fn origin_handle(req: Request<Incoming>) -> Response<TestBody> {
         // One event, then a comment every 50 ms until the body is dropped.
         "/hang" => event_stream(|tx| {
             tokio::spawn(async move {
-                if tx
-                    .send(Ok(Bytes::from_static(b"data: 0\n\n")))
-                    .await
-                    .is_err()
-                {
+                if !feed(&tx, b"data: 0\n\n").await {
                     return;
                 }
                 loop {
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    if tx
-                        .send(Ok(Bytes::from_static(b": ping\n\n")))
-                        .await
-                        .is_err()
-                    {
+                    if !feed(&tx, b": ping\n\n").await {
                         return;
                     }
                 }
@@ -439,11 +471,7 @@ async fn origin_handle(req: Request<Incoming>) -> Response<TestBody> {
         // One event, then the body fails: hyper cuts the connection.
         "/reset" => event_stream(|tx| {
             tokio::spawn(async move {
-                if tx
-                    .send(Ok(Bytes::from_static(b"data: 1\n\n")))
-                    .await
-                    .is_err()
-                {
+                if !feed(&tx, b"data: 1\n\n").await {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -688,6 +716,12 @@ impl Client {
         self.call(Method::GET, path, empty()).await
     }
 
+    /// `GET path` for `api.test`: the response, its body not read yet.
+    async fn get_response(&mut self, path: &str) -> Response<Incoming> {
+        let req = self.request(Method::GET, path, "api.test", empty());
+        self.send(req).await
+    }
+
     /// Close the connection at once (TCP FIN from this side).
     fn kill(self) {
         self.conn.abort();
@@ -771,6 +805,14 @@ async fn poll_metrics(
             return (text, false);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Wait until `needle` stands `n` times in `p`'s stderr, or `within` passes.
+async fn wait_for_stderr(p: &Portico, needle: &str, n: usize, within: Duration) {
+    let started = Instant::now();
+    while p.stderr().matches(needle).count() < n && started.elapsed() < within {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -932,6 +974,27 @@ url = "http://{dead}"
     )
 }
 
+/// A config: `extra` first (tables, and routes to match before `api.test`),
+/// one listener on `listen`, the route `api.test` to the self-signed site
+/// `api`, then `locations` (the site's locations and their upstreams).
+fn api_config(listen: SocketAddr, extra: &str, locations: &str) -> String {
+    format!(
+        r#"
+{extra}
+
+[[listen]]
+addr = "{listen}"
+
+[[route]]
+sni = ["api.test"]
+terminate = "api"
+
+[site.api]
+cert = "self-signed"
+{locations}"#
+    )
+}
+
 async fn run_mix() -> Mix {
     let (origin, _origin_task) = start_origin().await;
     let (ws, _ws_task) = start_ws_echo().await;
@@ -1014,8 +1077,7 @@ async fn run_mix() -> Mix {
     for proto in [Proto::H1, Proto::H2] {
         let mut c = Client::connect(listen, proto).await;
         terminate_conns += 1;
-        let req = c.request(Method::GET, "/hang", "api.test", empty());
-        let mut body = c.send(req).await.into_body();
+        let mut body = c.get_response("/hang").await.into_body();
         let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
             .await
             .expect("first /hang event within 5s");
@@ -1029,8 +1091,7 @@ async fn run_mix() -> Mix {
     for proto in [Proto::H1, Proto::H2] {
         let mut c = Client::connect(listen, proto).await;
         terminate_conns += 1;
-        let req = c.request(Method::GET, "/reset", "api.test", empty());
-        let mut body = c.send(req).await.into_body();
+        let mut body = c.get_response("/reset").await.into_body();
         let mut got = Vec::new();
         let outcome = loop {
             match tokio::time::timeout(Duration::from_secs(5), body.frame()).await {
@@ -1057,8 +1118,7 @@ async fn run_mix() -> Mix {
     for proto in [Proto::H1, Proto::H2] {
         let mut c = Client::connect(listen, proto).await;
         terminate_conns += 1;
-        let req = c.request(Method::GET, "/slow", "api.test", empty());
-        let pending = c.send(req);
+        let pending = c.get_response("/slow");
         assert!(
             tokio::time::timeout(Duration::from_millis(200), pending)
                 .await
@@ -1198,12 +1258,7 @@ async fn run_mix() -> Mix {
     let took = started.elapsed();
     // Tunnel lines are written just after the tunnel histogram is recorded
     // (access lines before the gauges move): wait for both of them.
-    let started = Instant::now();
-    while p.stderr().matches("\"kind\":\"tunnel\"").count() < 2
-        && started.elapsed() < Duration::from_secs(2)
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_stderr(&p, "\"kind\":\"tunnel\"", 2, Duration::from_secs(2)).await;
     let scrape = p.metrics_text().await;
     let settle = if settled {
         Ok(took)
@@ -1219,16 +1274,15 @@ async fn run_mix() -> Mix {
     let copy_payload = pseudo_random(B_TUNNEL, 0x5eed_0006);
     let (copy_sink, mut copy_rx, _copy_task) = start_sink(Expect::V1, copy_reply.clone()).await;
     let limits_listen = free_addr();
-    let lp = Portico::start(&format!(
-        r#"
+    let lp = Portico::start(&api_config(
+        limits_listen,
+        &format!(
+            r#"
 [limits]
 max_connections = 1
 
 [tunnel]
 splice = false
-
-[[listen]]
-addr = "{limits_listen}"
 
 [[route]]
 sni = ["tunnel.test"]
@@ -1237,18 +1291,13 @@ pass = "tun_copy"
 [backend.tun_copy]
 addr = "{copy_sink}"
 proxy_protocol = "v1"
-
-[[route]]
-sni = ["api.test"]
-terminate = "api"
-
-[site.api]
-cert = "self-signed"
-
+"#
+        ),
+        r#"
 [[site.api.location]]
 path = "/"
-respond = {{ status = 200, body = "ok" }}
-"#
+respond = { status = 200, body = "ok" }
+"#,
     ))
     .await;
     let copy_hello_len = tunnel_transfer(
@@ -1329,107 +1378,46 @@ fn exact_http_counters_after_the_mix() {
     let t = &m.scrape;
     let mut c = Checks::default();
     let req = "portico_http_requests_total";
-    let plain = |method, status, protocol| {
-        [
-            ("site", "api"),
-            ("location", "/plain"),
-            ("method", method),
-            ("status", status),
-            ("protocol", protocol),
-        ]
-    };
-    c.series(t, req, &plain("GET", "200", "http1"), N_GET_H1 as f64);
-    c.series(t, req, &plain("GET", "200", "h2"), N_GET_H2 as f64);
-    c.series(t, req, &plain("POST", "200", "http1"), 1.0);
-    c.series(t, req, &plain("POST", "200", "h2"), 1.0);
+    c.series(
+        t,
+        req,
+        &api_request("/plain", "GET", "200", "http1"),
+        N_GET_H1 as f64,
+    );
+    c.series(
+        t,
+        req,
+        &api_request("/plain", "GET", "200", "h2"),
+        N_GET_H2 as f64,
+    );
+    c.series(t, req, &api_request("/plain", "POST", "200", "http1"), 1.0);
+    c.series(t, req, &api_request("/plain", "POST", "200", "h2"), 1.0);
     // The location label is the name when one is set.
     c.series(
         t,
         req,
-        &[
-            ("site", "api"),
-            ("location", "events"),
-            ("method", "GET"),
-            ("status", "200"),
-            ("protocol", "http1"),
-        ],
+        &api_request("events", "GET", "200", "http1"),
         (M_SSE / 2) as f64,
     );
     c.series(
         t,
         req,
-        &[
-            ("site", "api"),
-            ("location", "events"),
-            ("method", "GET"),
-            ("status", "200"),
-            ("protocol", "h2"),
-        ],
+        &api_request("events", "GET", "200", "h2"),
         (M_SSE / 2) as f64,
     );
     c.sum(t, req, &[("location", "/sse")], 0.0);
     // No location: status "404", location "none".
-    c.series(
-        t,
-        req,
-        &[
-            ("site", "api"),
-            ("location", "none"),
-            ("method", "GET"),
-            ("status", "404"),
-            ("protocol", "http1"),
-        ],
-        1.0,
-    );
-    c.series(
-        t,
-        req,
-        &[
-            ("site", "api"),
-            ("location", "none"),
-            ("method", "GET"),
-            ("status", "404"),
-            ("protocol", "h2"),
-        ],
-        1.0,
-    );
+    c.series(t, req, &api_request("none", "GET", "404", "http1"), 1.0);
+    c.series(t, req, &api_request("none", "GET", "404", "h2"), 1.0);
     c.sum(t, req, &[("location", "none")], N_404 as f64);
+    c.series(t, req, &api_request("/dead", "GET", "502", "h2"), 1.0);
     c.series(
         t,
         req,
-        &[
-            ("site", "api"),
-            ("location", "/dead"),
-            ("method", "GET"),
-            ("status", "502"),
-            ("protocol", "h2"),
-        ],
+        &api_request("/v1/responses", "GET", "101", "http1"),
         1.0,
     );
-    c.series(
-        t,
-        req,
-        &[
-            ("site", "api"),
-            ("location", "/v1/responses"),
-            ("method", "GET"),
-            ("status", "101"),
-            ("protocol", "http1"),
-        ],
-        1.0,
-    );
-    c.series(
-        t,
-        req,
-        &[
-            ("site", "api"),
-            ("location", "/fixed"),
-            ("method", "GET"),
-            ("status", "200"),
-            ("protocol", "http1"),
-        ],
-        1.0,
-    );
+    c.series(t, req, &api_request("/fixed", "GET", "200", "http1"), 1.0);
     c.sum(t, req, &[("location", "hang")], 2.0);
     c.sum(t, req, &[("location", "reset")], 2.0);
     let total_requests = N_PLAIN + M_SSE + N_404 + 1 /* 502 */ + 1 /* ws */ + 1 /* fixed */ + 2 + 2;
@@ -1456,34 +1444,23 @@ fn exact_http_counters_after_the_mix() {
     );
 
     // Bodies: "ok" per /plain request; the POST bodies upstream.
+    let body = "portico_http_body_bytes_total";
     c.series(
         t,
-        "portico_http_body_bytes_total",
-        &[
-            ("site", "api"),
-            ("location", "/plain"),
-            ("direction", "response"),
-        ],
+        body,
+        &api_labels("/plain", "direction", "response"),
         (N_PLAIN * 2) as f64,
     );
     c.series(
         t,
-        "portico_http_body_bytes_total",
-        &[
-            ("site", "api"),
-            ("location", "/plain"),
-            ("direction", "request"),
-        ],
+        body,
+        &api_labels("/plain", "direction", "request"),
         (N_POST * POST_LEN) as f64,
     );
     c.series(
         t,
-        "portico_http_body_bytes_total",
-        &[
-            ("site", "api"),
-            ("location", "events"),
-            ("direction", "response"),
-        ],
+        body,
+        &api_labels("events", "direction", "response"),
         (M_SSE * SSE_WRITES.concat().len()) as f64,
     );
 
@@ -1500,11 +1477,7 @@ fn exact_http_counters_after_the_mix() {
         c.series(
             t,
             "portico_websocket_messages_total",
-            &[
-                ("site", "api"),
-                ("location", "/v1/responses"),
-                ("direction", dir),
-            ],
+            &api_labels("/v1/responses", "direction", dir),
             W_MSGS as f64,
         );
     }
@@ -1519,29 +1492,13 @@ fn exact_connection_and_tunnel_counters_after_the_mix() {
     let l = m.listener.as_str();
 
     // Tunnel bytes: the client's bytes (ClientHello included), never the PROXY header.
-    c.series(
+    check_tunnel_bytes(&mut c, t, "tun_plain", m.hello_len + B_TUNNEL, B_TUNNEL);
+    check_tunnel_bytes(
+        &mut c,
         t,
-        "portico_tunnel_bytes_total",
-        &[("backend", "tun_plain"), ("direction", "upstream")],
-        (m.hello_len + B_TUNNEL) as f64,
-    );
-    c.series(
-        t,
-        "portico_tunnel_bytes_total",
-        &[("backend", "tun_plain"), ("direction", "downstream")],
-        B_TUNNEL as f64,
-    );
-    c.series(
-        t,
-        "portico_tunnel_bytes_total",
-        &[("backend", "tun_pp"), ("direction", "upstream")],
-        (m.pp_hello_len + B_TUNNEL_PP) as f64,
-    );
-    c.series(
-        t,
-        "portico_tunnel_bytes_total",
-        &[("backend", "tun_pp"), ("direction", "downstream")],
-        B_TUNNEL_PP as f64,
+        "tun_pp",
+        m.pp_hello_len + B_TUNNEL_PP,
+        B_TUNNEL_PP,
     );
     c.sum(
         t,
@@ -1552,63 +1509,19 @@ fn exact_connection_and_tunnel_counters_after_the_mix() {
 
     // Connections by route and action (route label: index:action:target).
     let conn = "portico_connections_total";
+    c.series(t, conn, &conn_labels(l, "0:pass:tun_plain", "pass"), 1.0);
+    c.series(t, conn, &conn_labels(l, "1:pass:tun_pp", "pass"), 1.0);
+    c.series(t, conn, &conn_labels(l, "2:pass:tun_dead", "pass"), 1.0);
     c.series(
         t,
         conn,
-        &[
-            ("listener", l),
-            ("route", "0:pass:tun_plain"),
-            ("action", "pass"),
-        ],
-        1.0,
-    );
-    c.series(
-        t,
-        conn,
-        &[
-            ("listener", l),
-            ("route", "1:pass:tun_pp"),
-            ("action", "pass"),
-        ],
-        1.0,
-    );
-    c.series(
-        t,
-        conn,
-        &[
-            ("listener", l),
-            ("route", "2:pass:tun_dead"),
-            ("action", "pass"),
-        ],
-        1.0,
-    );
-    c.series(
-        t,
-        conn,
-        &[
-            ("listener", l),
-            ("route", "3:terminate:api"),
-            ("action", "terminate"),
-        ],
+        &conn_labels(l, "3:terminate:api", "terminate"),
         m.terminate_conns as f64,
     );
     // The ClientHello timeout on the main listener, the PROXY refusal on the other.
-    c.series(
-        t,
-        conn,
-        &[("listener", l), ("route", "none"), ("action", "reject")],
-        1.0,
-    );
-    c.series(
-        t,
-        conn,
-        &[
-            ("listener", m.proxy_listener.as_str()),
-            ("route", "none"),
-            ("action", "reject"),
-        ],
-        1.0,
-    );
+    c.series(t, conn, &conn_labels(l, "none", "reject"), 1.0);
+    let pl = m.proxy_listener.as_str();
+    c.series(t, conn, &conn_labels(pl, "none", "reject"), 1.0);
     c.sum(t, conn, &[("action", "redirect")], 0.0);
 
     c.series(
@@ -1652,28 +1565,14 @@ fn exact_connection_and_tunnel_counters_after_the_mix() {
     // then one refusal, counted as a reject too.
     let lt = &m.limits_scrape;
     let ll = m.limits_listener.as_str();
-    c.series(
+    check_tunnel_bytes(
+        &mut c,
         lt,
-        "portico_tunnel_bytes_total",
-        &[("backend", "tun_copy"), ("direction", "upstream")],
-        (m.copy_hello_len + B_TUNNEL) as f64,
+        "tun_copy",
+        m.copy_hello_len + B_TUNNEL,
+        B_TUNNEL,
     );
-    c.series(
-        lt,
-        "portico_tunnel_bytes_total",
-        &[("backend", "tun_copy"), ("direction", "downstream")],
-        B_TUNNEL as f64,
-    );
-    c.series(
-        lt,
-        conn,
-        &[
-            ("listener", ll),
-            ("route", "0:pass:tun_copy"),
-            ("action", "pass"),
-        ],
-        1.0,
-    );
+    c.series(lt, conn, &conn_labels(ll, "0:pass:tun_copy", "pass"), 1.0);
     c.series(lt, "portico_tunnel_active", &[("backend", "tun_copy")], 0.0);
     c.series(
         lt,
@@ -1681,12 +1580,7 @@ fn exact_connection_and_tunnel_counters_after_the_mix() {
         &[("listener", ll), ("limit", "max_connections")],
         1.0,
     );
-    c.series(
-        lt,
-        conn,
-        &[("listener", ll), ("route", "none"), ("action", "reject")],
-        1.0,
-    );
+    c.series(lt, conn, &conn_labels(ll, "none", "reject"), 1.0);
     c.finish("connection and tunnel counters after the mix");
 }
 
@@ -1715,7 +1609,7 @@ fn gauges_return_to_zero_after_aborted_and_reset_streams() {
         c.series(
             t,
             "portico_http_streams_active",
-            &[("site", "api"), ("location", location), ("kind", kind)],
+            &api_labels(location, "kind", kind),
             0.0,
         );
     }
@@ -1915,34 +1809,12 @@ fn histograms_export_the_documented_buckets_and_counts() {
         "portico_http_stream_duration_seconds",
         DURATION_LE,
         &[
-            (
-                &[("site", "api"), ("location", "/plain"), ("kind", "http")],
-                N_PLAIN as f64,
-            ),
-            (
-                &[("site", "api"), ("location", "events"), ("kind", "sse")],
-                M_SSE as f64,
-            ),
-            (
-                &[
-                    ("site", "api"),
-                    ("location", "/v1/responses"),
-                    ("kind", "websocket"),
-                ],
-                1.0,
-            ),
-            (
-                &[("site", "api"), ("location", "hang"), ("kind", "sse")],
-                2.0,
-            ),
-            (
-                &[("site", "api"), ("location", "reset"), ("kind", "sse")],
-                2.0,
-            ),
-            (
-                &[("site", "api"), ("location", "none"), ("kind", "http")],
-                N_404 as f64,
-            ),
+            (&api_labels("/plain", "kind", "http"), N_PLAIN as f64),
+            (&api_labels("events", "kind", "sse"), M_SSE as f64),
+            (&api_labels("/v1/responses", "kind", "websocket"), 1.0),
+            (&api_labels("hang", "kind", "sse"), 2.0),
+            (&api_labels("reset", "kind", "sse"), 2.0),
+            (&api_labels("none", "kind", "http"), N_404 as f64),
         ],
     );
     check_histogram(
@@ -2222,23 +2094,8 @@ async fn rust_log_overrides_log_level() {
     bounded(30, async {
         let listen = free_addr();
         let dead = free_addr();
-        let p = Portico::start_with_env(
-            &format!(
-                r#"
-[log]
-level = "info"
-format = "json"
-
-[[listen]]
-addr = "{listen}"
-
-[[route]]
-sni = ["api.test"]
-terminate = "api"
-
-[site.api]
-cert = "self-signed"
-
+        let locations = format!(
+            r#"
 [[site.api.location]]
 path = "/fixed"
 respond = {{ status = 200, body = "fixed" }}
@@ -2250,7 +2107,10 @@ upstream = "dead"
 [upstream.dead]
 url = "http://{dead}"
 "#
-            ),
+        );
+        let log = "[log]\nlevel = \"info\"\nformat = \"json\"";
+        let p = Portico::start_with_env(
+            &api_config(listen, log, &locations),
             &[("RUST_LOG", "warn")],
         )
         .await;
@@ -2262,12 +2122,7 @@ url = "http://{dead}"
         assert_eq!(h.get("/dead").await.0, StatusCode::BAD_GATEWAY);
         assert_eq!(h.get("/dead").await.0, StatusCode::BAD_GATEWAY);
         drop(h);
-        let started = Instant::now();
-        while p.stderr().matches("\"WARN\"").count() < 2
-            && started.elapsed() < Duration::from_secs(3)
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for_stderr(&p, "\"WARN\"", 2, Duration::from_secs(3)).await;
         let stderr = p.stderr();
         let mut c = Checks::default();
         let lines = json_lines(&stderr, &mut c);
@@ -2297,27 +2152,19 @@ url = "http://{dead}"
 async fn client_supplied_strings_never_become_label_values() {
     bounded(60, async {
         let listen = free_addr();
-        let p = Portico::start(&format!(
+        let p = Portico::start(&api_config(
+            listen,
+            "",
             r#"
-[[listen]]
-addr = "{listen}"
-
-[[route]]
-sni = ["api.test"]
-terminate = "api"
-
-[site.api]
-cert = "self-signed"
-
 [[site.api.location]]
 path = "/fixed"
 match = "exact"
-respond = {{ status = 200, body = "fixed" }}
+respond = { status = 200, body = "fixed" }
 
 [[site.api.location]]
 path = "/pre/"
-respond = {{ status = 200, body = "prefix" }}
-"#
+respond = { status = 200, body = "prefix" }
+"#,
         ))
         .await;
         let rnd = pseudo_random(8 * 200, 0xca4d_1a11);
@@ -2373,9 +2220,10 @@ respond = {{ status = 200, body = "prefix" }}
             poll_metrics(&p, Duration::from_secs(2), |t| open_gauges(t).is_empty()).await;
 
         let mut c = Checks::default();
+        let req = "portico_http_requests_total";
         let reqs: Vec<Sample> = samples(&text)
             .into_iter()
-            .filter(|s| s.name == "portico_http_requests_total")
+            .filter(|s| s.name == req)
             .collect();
         let methods: BTreeSet<&str> = reqs.iter().map(|s| s.label("method")).collect();
         let locations: BTreeSet<&str> = reqs.iter().map(|s| s.label("location")).collect();
@@ -2386,36 +2234,16 @@ respond = {{ status = 200, body = "prefix" }}
             locations == BTreeSet::from(["/fixed", "/pre/", "none"]),
             || format!("location label values {locations:?}, want only /fixed, /pre/, none"),
         );
-        c.sum(
-            &text,
-            "portico_http_requests_total",
-            &[("method", "OTHER")],
-            50.0,
-        );
-        c.sum(
-            &text,
-            "portico_http_requests_total",
-            &[("location", "none"), ("status", "404")],
-            50.0,
-        );
-        c.sum(
-            &text,
-            "portico_http_requests_total",
-            &[("location", "none"), ("status", "421")],
-            10.0,
-        );
-        c.sum(
-            &text,
-            "portico_http_requests_total",
-            &[("location", "/pre/")],
-            20.0,
-        );
+        c.sum(&text, req, &[("method", "OTHER")], 50.0);
+        c.sum(&text, req, &[("location", "none"), ("status", "404")], 50.0);
+        c.sum(&text, req, &[("location", "none"), ("status", "421")], 10.0);
+        c.sum(&text, req, &[("location", "/pre/")], 20.0);
         // 2 locations + none, 2 methods, 3 statuses, 2 protocols at most.
         c.check(reqs.len() <= 10, || {
             format!(
                 "{} series of portico_http_requests_total:\n{}",
                 reqs.len(),
-                dump(&text, "portico_http_requests_total")
+                dump(&text, req)
             )
         });
         for s in &sent_strings {
