@@ -10,9 +10,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -37,7 +39,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{bounded, free_addr, portico_check, Expect, Portico, TempDir, TestCert, TlsEcho};
+use common::{
+    bounded, free_addr, portico_check, Accepted, Expect, Portico, TempDir, TestCert, TlsEcho,
+};
 
 /// One test at a time in this binary.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -65,28 +69,26 @@ impl Body for ChanBody {
 
 type OriginBody = Either<Full<Bytes>, ChanBody>;
 
-/// An HTTP/1.1 origin: `/which` answers its name; `/sse?n=N&ms=M` sends
-/// events `data: 1` .. `data: N`, the first at once, then one every M ms.
+/// An origin on a local port: [`Origin::start`] or [`Origin::start_ws`].
 struct Origin {
     url: String,
     task: JoinHandle<()>,
 }
 
 impl Origin {
-    async fn start(name: &'static str) -> Origin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    /// Accept connections on a new local port, each served by `serve`.
+    async fn serve<F, Fut>(what: &str, serve: F) -> Origin
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind {what}: {e}"));
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| async move {
-                        Ok::<_, Infallible>(origin_response(&req, name))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
+                tokio::spawn(serve(s));
             }
         });
         Origin {
@@ -94,52 +96,43 @@ impl Origin {
             task,
         }
     }
+
+    /// An HTTP/1.1 origin: `/which` answers its name; `/sse?n=N&ms=M` sends
+    /// events `data: 1` .. `data: N`, the first at once, then one every M ms.
+    async fn start(name: &'static str) -> Origin {
+        Origin::serve("origin", move |s| async move {
+            let _ = s.set_nodelay(true);
+            let svc = service_fn(move |req: Request<Incoming>| async move {
+                Ok::<_, Infallible>(origin_response(&req, name))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        })
+        .await
+    }
+
+    /// A WebSocket origin that echoes every data message.
+    async fn start_ws() -> Origin {
+        Origin::serve("ws origin", |s| async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                return;
+            };
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_text() || m.is_binary() {
+                    if ws.send(m).await.is_err() {
+                        return;
+                    }
+                } else if m.is_close() {
+                    return;
+                }
+            }
+        })
+        .await
+    }
 }
 
 impl Drop for Origin {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A WebSocket origin that echoes every data message.
-struct WsOrigin {
-    url: String,
-    task: JoinHandle<()>,
-}
-
-impl WsOrigin {
-    async fn start() -> WsOrigin {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind ws origin");
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
-                        return;
-                    };
-                    while let Some(Ok(m)) = ws.next().await {
-                        if m.is_text() || m.is_binary() {
-                            if ws.send(m).await.is_err() {
-                                return;
-                            }
-                        } else if m.is_close() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        WsOrigin {
-            url: format!("http://{addr}"),
-            task,
-        }
-    }
-}
-
-impl Drop for WsOrigin {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -229,6 +222,16 @@ enum Proto {
     H2,
 }
 
+impl Proto {
+    /// The ALPN protocol id.
+    fn alpn(self) -> &'static [u8] {
+        match self {
+            Proto::H1 => b"http/1.1",
+            Proto::H2 => b"h2",
+        }
+    }
+}
+
 /// Client TLS configs for `api.test` that trust only the given roots.
 #[derive(Clone)]
 struct ClientTls {
@@ -238,7 +241,7 @@ struct ClientTls {
 
 impl ClientTls {
     fn new(roots: &[CertificateDer<'static>]) -> ClientTls {
-        let make = |alpn: &[u8]| {
+        let make = |proto: Proto| {
             let mut store = rustls::RootCertStore::empty();
             for r in roots {
                 store.add(r.clone()).expect("add root");
@@ -249,12 +252,12 @@ impl ClientTls {
                 .expect("protocol versions")
                 .with_root_certificates(store)
                 .with_no_client_auth();
-            cfg.alpn_protocols = vec![alpn.to_vec()];
+            cfg.alpn_protocols = vec![proto.alpn().to_vec()];
             Arc::new(cfg)
         };
         ClientTls {
-            h1: make(b"http/1.1"),
-            h2: make(b"h2"),
+            h1: make(Proto::H1),
+            h2: make(Proto::H2),
         }
     }
 
@@ -285,11 +288,7 @@ async fn tls_open(
     .await
     .map_err(|_| format!("TLS handshake with {addr} timed out"))?
     .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
-    let want: &[u8] = match proto {
-        Proto::H1 => b"http/1.1",
-        Proto::H2 => b"h2",
-    };
-    if s.get_ref().1.alpn_protocol() != Some(want) {
+    if s.get_ref().1.alpn_protocol() != Some(proto.alpn()) {
         return Err(format!(
             "ALPN {:?} negotiated, not {proto:?}",
             s.get_ref().1.alpn_protocol()
@@ -353,15 +352,14 @@ impl Conn {
     async fn get(&mut self, path: &str) -> Result<Response<Incoming>, String> {
         let what = format!("GET {path} over {:?}", self.proto);
         let within = Duration::from_secs(10);
+        let not_ready = |e: hyper::Error| format!("{what}: not ready: {e}");
         let r = match &mut self.sender {
             Sender::H1(s) => {
                 let req = Request::get(path)
                     .header(header::HOST, "api.test")
                     .body(Empty::new())
                     .unwrap();
-                s.ready()
-                    .await
-                    .map_err(|e| format!("{what}: not ready: {e}"))?;
+                s.ready().await.map_err(not_ready)?;
                 tokio::time::timeout(within, s.send_request(req)).await
             }
             Sender::H2(s) => {
@@ -369,9 +367,7 @@ impl Conn {
                     .version(Version::HTTP_2)
                     .body(Empty::new())
                     .unwrap();
-                s.ready()
-                    .await
-                    .map_err(|e| format!("{what}: not ready: {e}"))?;
+                s.ready().await.map_err(not_ready)?;
                 tokio::time::timeout(within, s.send_request(req)).await
             }
         };
@@ -472,7 +468,7 @@ struct Fixture {
     one: Origin,
     two: Origin,
     sse: Origin,
-    ws: WsOrigin,
+    ws: Origin,
     cert: PathBuf,
     key: PathBuf,
     der: CertificateDer<'static>,
@@ -491,7 +487,7 @@ impl Fixture {
             one: Origin::start("one").await,
             two: Origin::start("two").await,
             sse: Origin::start("sse").await,
-            ws: WsOrigin::start().await,
+            ws: Origin::start_ws().await,
             tls: ClientTls::new(std::slice::from_ref(&pem.der)),
             der: pem.der,
             cert,
@@ -764,14 +760,44 @@ async fn load_loop(
 
 // ---------------------------------------------------------------- 1. reload under load
 
+/// A fixture and portico with one fresh listener, `/which` to `one`, no
+/// tunnel, and `shutdown_grace = grace`.
+async fn start_portico(grace: &str) -> (Fixture, SocketAddr, Portico) {
+    let fx = Fixture::new().await;
+    let listen = free_addr();
+    let p = Portico::start(&fx.config(&[listen], "one", None, grace)).await;
+    (fx, listen, p)
+}
+
+/// The TLS echo backend for `tunnel.test` and its certificate (and the
+/// receiver of its accept events, to keep while it runs).
+async fn start_echo() -> (TestCert, TlsEcho, mpsc::UnboundedReceiver<Accepted>) {
+    let tcert = TestCert::generate();
+    let (etx, erx) = mpsc::unbounded_channel();
+    let echo = TlsEcho::start("echo", &tcert, &[], Expect::None, etx).await;
+    (tcert, echo, erx)
+}
+
+/// SIGHUP, then wait (up to 5 s) until the reloads counted with `result`
+/// reach `count`.
+async fn hup(p: &Portico, result: &[(&str, &str)], count: f64) {
+    p.signal("HUP");
+    p.wait_metric_at_least(RELOADS, result, count, Duration::from_secs(5))
+        .await;
+}
+
+/// Write `config` to portico's file, then [`hup`].
+async fn reload(p: &Portico, config: &str, result: &[(&str, &str)], count: f64) {
+    p.rewrite_config(config);
+    hup(p, result, count).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_under_load_switches_new_connections_and_keeps_open_ones() {
     let _serial = SERIAL.lock().await;
     bounded(60, async {
         let fx = Fixture::new().await;
-        let tcert = TestCert::generate();
-        let (etx, _erx) = mpsc::unbounded_channel();
-        let echo = TlsEcho::start("echo", &tcert, &[], Expect::None, etx).await;
+        let (tcert, echo, _events) = start_echo().await;
         let listen = free_addr();
         let cfg = |which: &str| fx.config(&[listen], which, Some(echo.addr), "30s");
         let p = Portico::start(&cfg("one")).await;
@@ -812,10 +838,7 @@ async fn sighup_under_load_switches_new_connections_and_keeps_open_ones() {
         for i in 1..=10u32 {
             let started = Instant::now();
             let want = if i % 2 == 1 { "two" } else { "one" };
-            p.rewrite_config(&cfg(want));
-            p.signal("HUP");
-            p.wait_metric_at_least(RELOADS, OK, f64::from(i), Duration::from_secs(5))
-                .await;
+            reload(&p, &cfg(want), OK, f64::from(i)).await;
             reload_times.push(started.elapsed());
             let proto = if i % 2 == 0 { Proto::H1 } else { Proto::H2 };
             let (status, body) = which_on_new_conn(listen, &fx.tls, proto).await;
@@ -928,10 +951,8 @@ async fn broken_reloads_keep_the_old_config_and_log_what_check_prints() {
                 "{what}: message {msg:?} should name {must_name:?}"
             );
 
-            p.signal("HUP");
             let n = (k + 1) as f64;
-            p.wait_metric_at_least(RELOADS, ERROR, n, Duration::from_secs(5))
-                .await;
+            hup(&p, ERROR, n).await;
             let started = Instant::now();
             while !p.stderr().contains(&msg) {
                 assert!(
@@ -974,10 +995,7 @@ async fn broken_reloads_keep_the_old_config_and_log_what_check_prints() {
         assert_eq!(p.metric(RELOADS, ERROR).await, 3.0);
 
         // A good file afterwards is taken as usual.
-        p.rewrite_config(&fx.config(&[listen], "two", None, "30s"));
-        p.signal("HUP");
-        p.wait_metric_at_least(RELOADS, OK, 1.0, Duration::from_secs(5))
-            .await;
+        reload(&p, &fx.config(&[listen], "two", None, "30s"), OK, 1.0).await;
         assert_eq!(
             which_on_new_conn(listen, &fx.tls, Proto::H1).await,
             (200, "two".to_string())
@@ -1001,20 +1019,16 @@ async fn broken_reloads_keep_the_old_config_and_log_what_check_prints() {
 async fn sighup_rereads_certificates() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
-        let fx = Fixture::new().await;
+        let (fx, listen, p) = start_portico("30s").await;
         let next = self_signed(&["api.test"]);
         let tls = ClientTls::new(&[fx.der.clone(), next.der.clone()]);
-        let listen = free_addr();
-        let p = Portico::start(&fx.config(&[listen], "one", None, "30s")).await;
         let mut old = Conn::open(listen, &tls, Proto::H1).await.unwrap();
         assert_eq!(old.peer_cert.as_ref(), Some(&fx.der));
 
         // Same file names, new contents (as certbot renewing a certificate).
         write_atomic(&fx.cert, &next.cert);
         write_atomic(&fx.key, &next.key);
-        p.signal("HUP");
-        p.wait_metric_at_least(RELOADS, OK, 1.0, Duration::from_secs(5))
-            .await;
+        hup(&p, OK, 1.0).await;
         for proto in [Proto::H1, Proto::H2] {
             let mut c = Conn::open(listen, &tls, proto).await.unwrap();
             assert_eq!(
@@ -1066,10 +1080,7 @@ async fn reload_opens_and_closes_listeners_and_keeps_the_others() {
         tokio::time::sleep(Duration::from_millis(100)).await;
 
         // B: one more listener.
-        p.rewrite_config(&fx.config(&[main, extra], "one", None, "30s"));
-        p.signal("HUP");
-        p.wait_metric_at_least(RELOADS, OK, 1.0, Duration::from_secs(5))
-            .await;
+        reload(&p, &fx.config(&[main, extra], "one", None, "30s"), OK, 1.0).await;
         let mut on_extra = Conn::open(extra, &fx.tls, Proto::H1)
             .await
             .unwrap_or_else(|e| panic!("the added listener {extra} does not accept: {e}"));
@@ -1077,10 +1088,7 @@ async fn reload_opens_and_closes_listeners_and_keeps_the_others() {
         tokio::time::sleep(Duration::from_millis(100)).await;
 
         // C: without it again.
-        p.rewrite_config(&fx.config(&[main], "one", None, "30s"));
-        p.signal("HUP");
-        p.wait_metric_at_least(RELOADS, OK, 2.0, Duration::from_secs(5))
-            .await;
+        reload(&p, &fx.config(&[main], "one", None, "30s"), OK, 2.0).await;
         let closed = until_refused(extra, Instant::now(), Duration::from_secs(2))
             .await
             .unwrap_or_else(|e| panic!("removed listener: {e}"));
@@ -1099,10 +1107,8 @@ async fn reload_opens_and_closes_listeners_and_keeps_the_others() {
         // fails, and nothing changes.
         let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let busy_addr = busy.local_addr().unwrap();
-        p.rewrite_config(&fx.config(&[main, extra, busy_addr], "two", None, "30s"));
-        p.signal("HUP");
-        p.wait_metric_at_least(RELOADS, ERROR, 1.0, Duration::from_secs(5))
-            .await;
+        let broken = fx.config(&[main, extra, busy_addr], "two", None, "30s");
+        reload(&p, &broken, ERROR, 1.0).await;
         assert_eq!(p.metric(RELOADS, OK).await, 2.0);
         let log = p.stderr();
         assert!(
@@ -1274,27 +1280,49 @@ async fn wait_eof(
     }
 }
 
+/// One SSE stream of `n` events 100 ms apart over HTTP/1.1 and one over h2,
+/// each with its first event read.
+async fn sse_streams(listen: SocketAddr, tls: &ClientTls, n: u64) -> Vec<(Proto, Conn, Sse)> {
+    let mut streams = Vec::new();
+    for proto in [Proto::H1, Proto::H2] {
+        let mut c = Conn::open(listen, tls, proto).await.unwrap();
+        let resp = c.get(&format!("/sse?n={n}&ms=100")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut sse = Sse::new(resp);
+        assert_eq!(sse.next().await, Ok(Some(1)), "{proto:?}");
+        streams.push((proto, c, sse));
+    }
+    streams
+}
+
+/// Wait up to `within` for portico to exit: its status and the time from `t0`.
+async fn timed_exit(
+    p: &mut Portico,
+    t0: Instant,
+    within: Duration,
+) -> (Option<ExitStatus>, Duration) {
+    let s = p.wait_exit(within).await;
+    (s, t0.elapsed())
+}
+
+/// Portico exited with status 0 (`None`: still running `within` after SIGTERM).
+fn assert_exited_0(status: Option<ExitStatus>, within: Duration) {
+    let status =
+        status.unwrap_or_else(|| panic!("portico did not exit within {within:?} of SIGTERM"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_open_streams_finish_then_exits_0() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
-        let fx = Fixture::new().await;
-        let listen = free_addr();
-        let mut p = Portico::start(&fx.config(&[listen], "one", None, "5s")).await;
+        let (fx, listen, mut p) = start_portico("5s").await;
 
         let mut idle = h1_idle(listen, &fx.tls).await;
         let bare_h2 = h2_watch(listen, &fx.tls).await;
         // One SSE stream over HTTP/1.1 and one over h2, each 15 events 100 ms
         // apart: the upstream ends them 1.5 s after they began.
-        let mut streams = Vec::new();
-        for proto in [Proto::H1, Proto::H2] {
-            let mut c = Conn::open(listen, &fx.tls, proto).await.unwrap();
-            let resp = c.get("/sse?n=15&ms=100").await.unwrap();
-            assert_eq!(resp.status(), StatusCode::OK);
-            let mut sse = Sse::new(resp);
-            assert_eq!(sse.next().await, Ok(Some(1)), "{proto:?}");
-            streams.push((proto, c, sse));
-        }
+        let mut streams = sse_streams(listen, &fx.tls, 15).await;
 
         let t0 = Instant::now();
         p.signal("TERM");
@@ -1304,10 +1332,7 @@ async fn sigterm_lets_open_streams_finish_then_exits_0() {
             futures_util::future::join_all(streams.iter_mut().map(
                 |(proto, _conn, sse)| async move { (*proto, sse.finish().await, t0.elapsed()) },
             ));
-        let exit = async {
-            let s = p.wait_exit(Duration::from_secs(6)).await;
-            (s, t0.elapsed())
-        };
+        let exit = timed_exit(&mut p, t0, Duration::from_secs(6));
         let (refused, idle_closed, sse_done, (status, exited)) =
             tokio::join!(refused, idle_closed, sse_done, exit);
         let h2 = tokio::time::timeout(Duration::from_secs(2), bare_h2)
@@ -1344,8 +1369,7 @@ async fn sigterm_lets_open_streams_finish_then_exits_0() {
                 "{proto:?}: the process exited before the stream ended"
             );
         }
-        let status = status.expect("portico did not exit within 6s of SIGTERM");
-        assert_eq!(status.code(), Some(0), "exit status {status}");
+        assert_exited_0(status, Duration::from_secs(6));
         assert!(
             exited <= Duration::from_millis(2500),
             "exited {exited:?} after SIGTERM (streams ended ~1.4 s after it)"
@@ -1359,9 +1383,7 @@ async fn sigterm_cuts_streams_after_the_grace_period_and_exits_0() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
         let fx = Fixture::new().await;
-        let tcert = TestCert::generate();
-        let (etx, _erx) = mpsc::unbounded_channel();
-        let echo = TlsEcho::start("echo", &tcert, &[], Expect::None, etx).await;
+        let (tcert, echo, _events) = start_echo().await;
         let listen = free_addr();
         let mut p = Portico::start(&fx.config(&[listen], "one", Some(echo.addr), "1s")).await;
         // A tunnel and a WebSocket: neither ends by itself.
@@ -1374,15 +1396,7 @@ async fn sigterm_cuts_streams_after_the_grace_period_and_exits_0() {
         tunnel_echo(&mut tun, b"before").await.unwrap();
         let mut ws = ws_open(listen, &fx.tls).await.unwrap();
         ws_echo(&mut ws, "before").await.unwrap();
-        let mut streams = Vec::new();
-        for proto in [Proto::H1, Proto::H2] {
-            let mut c = Conn::open(listen, &fx.tls, proto).await.unwrap();
-            let resp = c.get("/sse?n=100&ms=100").await.unwrap();
-            assert_eq!(resp.status(), StatusCode::OK);
-            let mut sse = Sse::new(resp);
-            assert_eq!(sse.next().await, Ok(Some(1)), "{proto:?}");
-            streams.push((proto, c, sse));
-        }
+        let mut streams = sse_streams(listen, &fx.tls, 100).await;
         let t0 = Instant::now();
         p.signal("TERM");
         let sse_done = futures_util::future::join_all(
@@ -1390,10 +1404,7 @@ async fn sigterm_cuts_streams_after_the_grace_period_and_exits_0() {
                 (*proto, sse.finish().await, t0.elapsed(), sse.count)
             }),
         );
-        let exit = async {
-            let s = p.wait_exit(Duration::from_secs(6)).await;
-            (s, t0.elapsed())
-        };
+        let exit = timed_exit(&mut p, t0, Duration::from_secs(6));
         // Both keep working during the grace period, then are cut.
         let mid = t0 + Duration::from_millis(500);
         let tunnel = async {
@@ -1430,8 +1441,7 @@ async fn sigterm_cuts_streams_after_the_grace_period_and_exits_0() {
                 "{proto:?}: stream cut {cut:?} after SIGTERM (grace 1s); {result:?}"
             );
         }
-        let status = status.expect("portico did not exit within 6s of SIGTERM");
-        assert_eq!(status.code(), Some(0), "exit status {status}");
+        assert_exited_0(status, Duration::from_secs(6));
         assert!(
             exited <= Duration::from_millis(3500),
             "exited {exited:?} after SIGTERM with shutdown_grace = 1s"
@@ -1444,9 +1454,7 @@ async fn sigterm_cuts_streams_after_the_grace_period_and_exits_0() {
 async fn sigterm_does_not_wait_for_connections_that_sent_no_request() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
-        let fx = Fixture::new().await;
-        let listen = free_addr();
-        let mut p = Portico::start(&fx.config(&[listen], "one", None, "5s")).await;
+        let (_fx, listen, mut p) = start_portico("5s").await;
         // Connected, but no ClientHello yet (a scanner, or a slow client):
         // nothing is in progress, so like an idle keep-alive connection it
         // must not hold the process for the grace period.
@@ -1458,11 +1466,9 @@ async fn sigterm_does_not_wait_for_connections_that_sent_no_request() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let t0 = Instant::now();
         p.signal("TERM");
-        let status = p.wait_exit(Duration::from_secs(9)).await;
-        let exited = t0.elapsed();
+        let (status, exited) = timed_exit(&mut p, t0, Duration::from_secs(9)).await;
         eprintln!("[sigterm, connections without a request] exit {status:?} after {exited:?}");
-        let status = status.expect("portico did not exit within 9s of SIGTERM");
-        assert_eq!(status.code(), Some(0));
+        assert_exited_0(status, Duration::from_secs(9));
         for (what, s) in [("silent", &mut silent), ("half a ClientHello", &mut half)] {
             let mut buf = [0u8; 16];
             let r = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await;
@@ -1484,9 +1490,7 @@ async fn sigterm_does_not_wait_for_connections_that_sent_no_request() {
 async fn sigint_exits_0_like_sigterm() {
     let _serial = SERIAL.lock().await;
     bounded(20, async {
-        let fx = Fixture::new().await;
-        let listen = free_addr();
-        let mut p = Portico::start(&fx.config(&[listen], "one", None, "5s")).await;
+        let (fx, listen, mut p) = start_portico("5s").await;
         let mut idle = h1_idle(listen, &fx.tls).await;
         let t0 = Instant::now();
         p.signal("INT");
@@ -1541,10 +1545,19 @@ fn uptime_usec() -> Option<u64> {
     Some((secs * 1e6) as u64)
 }
 
+/// Check that the sd_notify message `msg` sets `key=1`.
+fn assert_set(msg: &str, key: &str) {
+    assert_eq!(
+        notify_fields(msg).get(key).map(String::as_str),
+        Some("1"),
+        "{msg:?}"
+    );
+}
+
 /// Check a RELOADING=1 message; its MONOTONIC_USEC value.
 fn check_reloading(msg: &str) -> u64 {
+    assert_set(msg, "RELOADING");
     let f = notify_fields(msg);
-    assert_eq!(f.get("RELOADING").map(String::as_str), Some("1"), "{msg:?}");
     let usec: u64 = f
         .get("MONOTONIC_USEC")
         .and_then(|v| v.parse().ok())
@@ -1592,11 +1605,7 @@ async fn sd_notify_ready_reloading_stopping() {
         let m1 = notify_next(&sock, "RELOADING=1", Duration::from_secs(5)).await;
         let usec1 = check_reloading(&m1);
         let m2 = notify_next(&sock, "READY=1 after a reload", Duration::from_secs(5)).await;
-        assert_eq!(
-            notify_fields(&m2).get("READY").map(String::as_str),
-            Some("1"),
-            "{m2:?}"
-        );
+        assert_set(&m2, "READY");
         assert!(!m2.contains("RELOADING"), "{m2:?}");
         p.wait_metric_at_least(RELOADS, OK, 1.0, Duration::from_secs(5))
             .await;
@@ -1618,21 +1627,13 @@ async fn sd_notify_ready_reloading_stopping() {
             Duration::from_secs(5),
         )
         .await;
-        assert_eq!(
-            notify_fields(&m4).get("READY").map(String::as_str),
-            Some("1"),
-            "{m4:?}"
-        );
+        assert_set(&m4, "READY");
         p.wait_metric_at_least(RELOADS, ERROR, 1.0, Duration::from_secs(5))
             .await;
 
         p.signal("TERM");
         let m5 = notify_next(&sock, "STOPPING=1", Duration::from_secs(5)).await;
-        assert_eq!(
-            notify_fields(&m5).get("STOPPING").map(String::as_str),
-            Some("1"),
-            "{m5:?}"
-        );
+        assert_set(&m5, "STOPPING");
         let status = p.wait_exit(Duration::from_secs(5)).await;
         assert_eq!(status.and_then(|s| s.code()), Some(0));
         eprintln!(
@@ -1927,6 +1928,13 @@ async fn example_configs_pass_check() {
     .await;
 }
 
+/// One plain-HTTP listener that redirects everything to https.
+fn redirect_config(listen: SocketAddr) -> String {
+    format!(
+        "[[listen]]\naddr = \"{listen}\"\n[[route]]\nprotocol = \"http\"\nredirect = \"https\"\n"
+    )
+}
+
 /// `portico` with no arguments runs the file named by `$PORTICO_CONFIG`.
 #[tokio::test]
 async fn no_arguments_runs_the_file_in_portico_config() {
@@ -1934,11 +1942,7 @@ async fn no_arguments_runs_the_file_in_portico_config() {
         let dir = TempDir::new();
         let listen = free_addr();
         let path = dir.path().join("portico.toml");
-        std::fs::write(
-            &path,
-            format!("[[listen]]\naddr = \"{listen}\"\n[[route]]\nprotocol = \"http\"\nredirect = \"https\"\n"),
-        )
-        .unwrap();
+        std::fs::write(&path, redirect_config(listen)).unwrap();
         let mut child = common::portico_command()
             .env("PORTICO_CONFIG", &path)
             .stdout(std::process::Stdio::null())
@@ -1959,7 +1963,10 @@ async fn no_arguments_runs_the_file_in_portico_config() {
         let _ = child.kill();
         let _ = child.wait();
         assert!(answer.starts_with("HTTP/1.1 308"), "got {answer:?}");
-        assert!(answer.contains("location: https://env.test/x"), "got {answer:?}");
+        assert!(
+            answer.contains("location: https://env.test/x"),
+            "got {answer:?}"
+        );
     })
     .await;
 }
@@ -1970,10 +1977,7 @@ async fn no_arguments_runs_the_file_in_portico_config() {
 async fn runs_with_transparent_huge_pages_off() {
     bounded(20, async {
         let listen = free_addr();
-        let portico = Portico::start(&format!(
-            "[[listen]]\naddr = \"{listen}\"\n[[route]]\nprotocol = \"http\"\nredirect = \"https\"\n"
-        ))
-        .await;
+        let portico = Portico::start(&redirect_config(listen)).await;
         let status = std::fs::read_to_string(format!("/proc/{}/status", portico.pid()))
             .expect("read /proc/PID/status");
         let line = status
