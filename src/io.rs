@@ -64,19 +64,6 @@ impl<S> Prefixed<S> {
     pub fn new(prefix: BytesMut, inner: S) -> Self {
         Prefixed { prefix, inner }
     }
-
-    /// Bytes still waiting to be replayed.
-    pub fn prefix(&self) -> &[u8] {
-        &self.prefix
-    }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    pub fn into_parts(self) -> (BytesMut, S) {
-        (self.prefix, self.inner)
-    }
 }
 
 impl<S: AsyncRead> AsyncRead for Prefixed<S> {

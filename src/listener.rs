@@ -84,8 +84,6 @@ pub struct ConnInfo {
     pub client: SocketAddr,
     /// The address the client connected to (PROXY destination when present).
     pub local: SocketAddr,
-    /// Listener label (its configured address).
-    pub listener: Arc<str>,
 }
 
 /// Accept until shutdown. The listener's settings come from the generation
@@ -152,7 +150,7 @@ async fn handle(
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let Some(listen) = cfg.listeners.iter().find(|l| l.addr == addr).cloned() else {
+    let Some(listen) = cfg.listeners.iter().find(|l| l.addr == addr) else {
         // The listener was removed by a reload while this connection was queued.
         return;
     };
@@ -169,11 +167,10 @@ async fn handle(
     let mut info = ConnInfo {
         client: peer,
         local,
-        listener: label.clone(),
     };
     if listen.accept_proxy {
         let read = tokio::select! {
-            r = inbound_proxy(&mut stream, &mut buf, &listen, &mut info, cfg) => r,
+            r = inbound_proxy(&mut stream, &mut buf, listen, &mut info, cfg) => r,
             // Shutting down: nothing was asked of us yet, so nothing to drain.
             _ = shared.shutdown.cancelled() => return,
         };

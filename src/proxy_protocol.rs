@@ -83,14 +83,9 @@ fn parse(buf: &[u8]) -> Result<Step, InboundError> {
                 return Err(InboundError::TooLarge(declared));
             }
         }
-    } else if buf[0] != b'P' {
-        return Err(InboundError::Malformed(
-            "expected a PROXY header first".into(),
-        ));
-    }
-    // v1 is a text line: complete at its CRLF. ppp's partial-input answers
-    // for v1 are not reliable at every prefix, so only hand it whole lines.
-    if !is_v2 {
+    } else {
+        // v1 is a text line: complete at its CRLF. ppp's partial-input answers
+        // for v1 are not reliable at every prefix, so only hand it whole lines.
         let n = buf.len().min(6);
         if buf[..n] != b"PROXY "[..n] {
             return Err(InboundError::Malformed(

@@ -209,7 +209,6 @@ pub async fn serve(
         ServeOptions {
             limits: cfg.limits,
             timeouts: cfg.timeouts,
-            negotiated,
             shutdown: shared.shutdown.clone(),
             hard_stop: shared.hard_stop.clone(),
         },

@@ -274,23 +274,30 @@ impl Exchange {
         }
     }
 
-    pub fn site(&self) -> &str {
-        &self.metrics.site
-    }
-
-    pub fn location(&self) -> &str {
-        &self.metrics.location
-    }
-
     /// The response head is known: count the request, open the stream gauge.
     pub fn respond(&mut self, status: u16, kind: StreamKind) {
         self.status = status;
         self.kind = kind;
-        metrics::counter!(m::HTTP_REQUESTS,
-            "site" => self.metrics.site.to_string(), "location" => self.metrics.location.to_string(),
-            "method" => self.method, "status" => status_label(status), "protocol" => self.protocol)
-        .increment(1);
+        self.count_request(status_label(status));
         self._active = Some(GaugeGuard::new(self.metrics.active[kind.index()].clone()));
+    }
+
+    /// Answer with `err`'s one-line response, counted and logged as this
+    /// request's outcome.
+    pub fn fail(&mut self, err: &super::error::ProxyError) -> http::Response<ResponseBody> {
+        let r = err.response();
+        self.error = Some(err.to_string());
+        self.respond(r.status().as_u16(), StreamKind::Http);
+        r
+    }
+
+    /// `portico_http_requests_total` for this request (the labels share the
+    /// location's strings, so counting allocates nothing for common statuses).
+    fn count_request(&self, status: metrics::SharedString) {
+        metrics::counter!(m::HTTP_REQUESTS,
+            "site" => self.metrics.site.clone(), "location" => self.metrics.location.clone(),
+            "method" => self.method, "status" => status, "protocol" => self.protocol)
+        .increment(1);
     }
 
     fn mark_first_byte(&mut self) {
@@ -327,10 +334,7 @@ impl Drop for Exchange {
             self.status = 499;
             self.error
                 .get_or_insert_with(|| "client closed the request before the response head".into());
-            metrics::counter!(m::HTTP_REQUESTS,
-                "site" => self.metrics.site.to_string(), "location" => self.metrics.location.to_string(),
-                "method" => self.method, "status" => "499", "protocol" => self.protocol)
-            .increment(1);
+            self.count_request("499".into());
         }
         if self._active.is_some() {
             self.metrics.duration[self.kind.index()].record(elapsed.as_secs_f64());
@@ -403,11 +407,10 @@ impl ResponseBody {
         }
     }
 
-    /// A body from upstream `name`: an error while it streams counts as a reset.
-    pub fn from_upstream(b: Incoming, name: &str) -> Self {
+    /// A body from an upstream: an error while it streams counts on `reset`.
+    pub fn from_upstream(b: Incoming, reset: metrics::Counter) -> Self {
         let mut body = ResponseBody::upstream(b);
-        body.upstream_reset = Some(metrics::counter!(m::UPSTREAM_FAILURES,
-            "upstream" => name.to_string(), "reason" => "reset"));
+        body.upstream_reset = Some(reset);
         body
     }
 

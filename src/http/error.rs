@@ -82,7 +82,7 @@ impl ProxyError {
     }
 
     /// A failed connect outside the pool.
-    pub fn from_connect(upstream: &str, cf: ConnectFailure) -> ProxyError {
+    pub fn from_connect(upstream: &str, cf: &ConnectFailure) -> ProxyError {
         let upstream = upstream.to_string();
         match cf {
             ConnectFailure::Timeout { .. } => ProxyError::UpstreamTimeout {
@@ -108,12 +108,7 @@ impl ProxyError {
             }
         }
         if let Some(cf) = find::<ConnectFailure>(&e) {
-            let upstream = upstream.to_string();
-            let detail = cf.to_string();
-            return match cf {
-                ConnectFailure::Timeout { .. } => ProxyError::UpstreamTimeout { upstream, detail },
-                ConnectFailure::Io { .. } => ProxyError::UpstreamRefused { upstream, detail },
-            };
+            return ProxyError::from_connect(upstream, cf);
         }
         let detail = chain(&e);
         let upstream = upstream.to_string();

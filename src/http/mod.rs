@@ -40,7 +40,6 @@ pub enum Negotiated {
 pub struct ServeOptions {
     pub limits: Limits,
     pub timeouts: Timeouts,
-    pub negotiated: Negotiated,
     /// Begin a graceful close (GOAWAY / close after the current response).
     pub shutdown: CancellationToken,
     /// Drop the connection now.
@@ -74,11 +73,6 @@ where
         .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(20));
-    let builder = match opts.negotiated {
-        Negotiated::H2 => builder.http2_only(),
-        Negotiated::Http1 => builder.http1_only(),
-        Negotiated::Unknown => builder,
-    };
     let svc = service_fn(move |req| {
         let site = site.clone();
         let ctx = ctx.clone();

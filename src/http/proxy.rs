@@ -25,9 +25,20 @@ use crate::metrics as m;
 pub struct LocationRuntime {
     pub name: Arc<str>,
     pub metrics: Arc<crate::metrics::LocationMetrics>,
-    pub target: Target,
-    pub client: Option<Arc<UpstreamClient>>,
+    pub action: Action,
     pub websocket: bool,
+}
+
+/// What a location does with a request, prepared at config load.
+pub enum Action {
+    /// A fixed answer (`respond = {..}`).
+    Respond {
+        status: StatusCode,
+        body: Bytes,
+        content_type: Option<HeaderValue>,
+    },
+    /// Proxy to the upstream's pool.
+    Upstream(Option<Arc<UpstreamClient>>),
 }
 
 /// A site ready to serve: compiled router, headers, upstream clients.
@@ -37,6 +48,8 @@ pub struct SiteRuntime {
     pub router: Router,
     pub locations: Vec<LocationRuntime>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// CORS preflight answer headers (methods, headers, max-age).
+    pub preflight: Vec<(HeaderName, HeaderValue)>,
     pub idle: std::time::Duration,
     /// `limits.max_uri_length`: longer request targets get 414.
     pub max_uri: usize,
@@ -62,10 +75,17 @@ impl SiteRuntime {
             .map(|l| LocationRuntime {
                 name: Arc::from(l.name.as_str()),
                 metrics: Arc::new(crate::metrics::LocationMetrics::new(&site.name, &l.name)),
-                target: l.target.clone(),
-                client: match &l.target {
-                    Target::Upstream(u) => clients.get(&u.name).cloned(),
-                    Target::Respond { .. } => None,
+                action: match &l.target {
+                    Target::Upstream(u) => Action::Upstream(clients.get(&u.name).cloned()),
+                    Target::Respond {
+                        status,
+                        body,
+                        content_type,
+                    } => Action::Respond {
+                        status: StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
+                        body: Bytes::from(body.clone()),
+                        content_type: HeaderValue::from_str(content_type).ok(),
+                    },
                 },
                 websocket: l.websocket,
             })
@@ -82,12 +102,18 @@ impl SiteRuntime {
             })
             .collect();
         let unmatched = Arc::new(crate::metrics::LocationMetrics::new(&site.name, "none"));
+        let preflight = site
+            .cors
+            .as_ref()
+            .map(preflight_headers)
+            .unwrap_or_default();
         SiteRuntime {
             name: Arc::from(site.name.as_str()),
             config: site,
             router,
             locations,
             headers,
+            preflight,
             idle,
             max_uri,
             unmatched,
@@ -96,6 +122,13 @@ impl SiteRuntime {
 
     fn admits_host(&self, host: &str) -> bool {
         self.config.any_name || self.config.names.iter().any(|p| p.matches(host))
+    }
+
+    /// The site's configured response headers (`headers = {..}`).
+    pub fn add_headers(&self, h: &mut http::HeaderMap) {
+        for (k, v) in &self.headers {
+            h.insert(k.clone(), v.clone());
+        }
     }
 }
 
@@ -166,9 +199,7 @@ pub async fn handle(
     };
     let unmatched = |err: ProxyError| {
         let mut ex = exchange(site.unmatched.clone());
-        let resp = err.response();
-        ex.error = Some(err.to_string());
-        ex.respond(resp.status().as_u16(), StreamKind::Http);
+        let resp = ex.fail(&err);
         finish(resp, ex, &site)
     };
     if let Some(refusal) = conn.verdict.get() {
@@ -214,37 +245,37 @@ pub async fn handle(
             let mut resp = Response::new(ResponseBody::empty());
             *resp.status_mut() = StatusCode::NO_CONTENT;
             if cors_allows(cors, origin) {
-                add_preflight_headers(&mut resp, cors, origin);
+                add_cors_headers(&mut resp, cors, origin);
+                for (k, v) in &site.preflight {
+                    resp.headers_mut().insert(k.clone(), v.clone());
+                }
             }
             ex.respond(204, StreamKind::Http);
             return finish(resp, ex, &site);
         }
     }
 
-    let mut resp = match &loc.target {
-        Target::Respond {
+    let mut resp = match &loc.action {
+        Action::Respond {
             status,
             body,
             content_type,
         } => {
-            let mut r = Response::new(ResponseBody::full(Bytes::from(body.clone())));
-            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
-            if let Ok(v) = HeaderValue::from_str(content_type) {
-                r.headers_mut().insert(header::CONTENT_TYPE, v);
+            let mut r = Response::new(ResponseBody::full(body.clone()));
+            *r.status_mut() = *status;
+            if let Some(v) = content_type {
+                r.headers_mut().insert(header::CONTENT_TYPE, v.clone());
             }
             ex.respond(r.status().as_u16(), StreamKind::Http);
             r
         }
-        Target::Upstream(_) => {
-            let Some(client) = loc.client.clone() else {
+        Action::Upstream(client) => {
+            let Some(client) = client.clone() else {
                 return unmatched(ProxyError::Internal("upstream client missing"));
             };
             if websocket::is_upgrade(&req) {
                 if !loc.websocket {
-                    let err = ProxyError::WebSocketDisabled;
-                    let r = err.response();
-                    ex.error = Some(err.to_string());
-                    ex.respond(r.status().as_u16(), StreamKind::Http);
+                    let r = ex.fail(&ProxyError::WebSocketDisabled);
                     return finish(r, ex, &site);
                 }
                 // Boxed: rare next to plain requests, and its state is large.
@@ -268,18 +299,12 @@ pub async fn handle(
                             StreamKind::Http
                         };
                         ex.respond(r.status().as_u16(), kind);
-                        r.map(|b| ResponseBody::from_upstream(b, &client.config.name))
+                        r.map(|b| ResponseBody::from_upstream(b, client.body_reset_counter()))
                     }
                     Err(err) => {
-                        if let Some(reason) = err.upstream_reason() {
-                            metrics::counter!(m::UPSTREAM_FAILURES, "upstream" => client.config.name.clone(), "reason" => reason)
-                                .increment(1);
-                        }
+                        client.count_failure(&err);
                         tracing::warn!(site = %site.name, location = %loc.name, upstream = %client.config.name, error = %err, "upstream request failed");
-                        let r = err.response();
-                        ex.error = Some(err.to_string());
-                        ex.respond(r.status().as_u16(), StreamKind::Http);
-                        r
+                        ex.fail(&err)
                     }
                 }
             }
@@ -331,9 +356,7 @@ pub(super) fn finish(
     ex: Exchange,
     site: &SiteRuntime,
 ) -> Response<ResponseBody> {
-    for (k, v) in &site.headers {
-        resp.headers_mut().insert(k.clone(), v.clone());
-    }
+    site.add_headers(resp.headers_mut());
     resp.map(|b| b.with_exchange(ex))
 }
 
@@ -365,19 +388,21 @@ fn add_cors_headers<B>(resp: &mut Response<B>, cors: &Cors, origin: &HeaderValue
     }
 }
 
-fn add_preflight_headers<B>(resp: &mut Response<B>, cors: &Cors, origin: &HeaderValue) {
-    add_cors_headers(resp, cors, origin);
-    let h = resp.headers_mut();
+/// The headers a preflight answer adds besides [`add_cors_headers`]; built
+/// once per site.
+fn preflight_headers(cors: &Cors) -> Vec<(HeaderName, HeaderValue)> {
+    let mut h = Vec::new();
     if let Ok(v) = HeaderValue::from_str(&cors.methods.join(", ")) {
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
+        h.push((header::ACCESS_CONTROL_ALLOW_METHODS, v));
     }
     if let Ok(v) = HeaderValue::from_str(&cors.headers.join(", ")) {
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
+        h.push((header::ACCESS_CONTROL_ALLOW_HEADERS, v));
     }
-    h.insert(
+    h.push((
         header::ACCESS_CONTROL_MAX_AGE,
         HeaderValue::from(cors.max_age.as_secs()),
-    );
+    ));
+    h
 }
 
 /// Idempotent methods may be replayed when nothing of the body was sent.
@@ -441,16 +466,16 @@ async fn forward(
         headers.remove(header::HOST);
     }
     let counter = location.body_request.clone();
-    let build = |body: RequestBody| {
+    let build = |method: Method, uri: Uri, headers: http::HeaderMap, body: RequestBody| {
         let mut r = Request::new(body);
-        *r.method_mut() = parts.method.clone();
-        *r.uri_mut() = uri.clone();
+        *r.method_mut() = method;
+        *r.uri_mut() = uri;
         *r.version_mut() = if h2c {
             Version::HTTP_2
         } else {
             Version::HTTP_11
         };
-        *r.headers_mut() = headers.clone();
+        *r.headers_mut() = headers;
         r
     };
     let mut body = RequestBody::new(body, site.max_body, progress.clone(), counter);
@@ -463,22 +488,26 @@ async fn forward(
             return Err(ProxyError::BadRequest("malformed chunked request body"));
         }
     }
-    let first = build(body);
-    match client.send(first).await {
-        Ok(mut resp) => {
+    // Only a replayable request keeps a copy of its head for the retry.
+    let retry = replay.then(|| (parts.method.clone(), uri.clone(), headers.clone()));
+    match (
+        client.send(build(parts.method, uri, headers, body)).await,
+        retry,
+    ) {
+        (Ok(mut resp), _) => {
             headers::strip_hop_by_hop(resp.headers_mut());
             Ok(resp)
         }
-        Err(e) if replay && is_stale_connection(&e) => {
+        (Err(e), Some((method, uri, headers))) if is_stale_connection(&e) => {
             tracing::debug!(error = %e, "pooled connection closed under us; retrying once");
             let mut resp = client
-                .send(build(RequestBody::empty()))
+                .send(build(method, uri, headers, RequestBody::empty()))
                 .await
                 .map_err(|e| ProxyError::from_client(&client.config.name, e, &progress))?;
             headers::strip_hop_by_hop(resp.headers_mut());
             Ok(resp)
         }
-        Err(e) => Err(ProxyError::from_client(&client.config.name, e, &progress)),
+        (Err(e), _) => Err(ProxyError::from_client(&client.config.name, e, &progress)),
     }
 }
 

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -91,15 +91,14 @@ impl tower_service::Service<Uri> for UnixConnector {
         let path = self.path.clone();
         let timeout = self.timeout;
         Box::pin(async move {
-            let shown = format!("unix:{}", path.display());
             match tokio::time::timeout(timeout, UnixStream::connect(&*path)).await {
                 Ok(Ok(s)) => Ok(TokioIo::new(s)),
                 Ok(Err(source)) => Err(ConnectFailure::Io {
-                    addr: shown,
+                    addr: format!("unix:{}", path.display()),
                     source,
                 }),
                 Err(_) => Err(ConnectFailure::Timeout {
-                    addr: shown,
+                    addr: format!("unix:{}", path.display()),
                     timeout,
                 }),
             }
@@ -156,11 +155,21 @@ enum Pool {
     Unix(Client<UnixConnector, RequestBody>),
 }
 
+/// How to dial the upstream, for the pool and for upgraded streams.
+#[derive(Clone)]
+enum Connector {
+    Tcp(TcpConnector),
+    Unix(UnixConnector),
+}
+
 /// The client for one upstream.
 pub struct UpstreamClient {
     pub config: Arc<Upstream>,
     pool: Pool,
-    connect_timeout: Duration,
+    connector: Connector,
+    /// `portico_upstream_failures_total{reason="reset"}`, registered with the
+    /// first streamed response (as before) and then shared by all of them.
+    body_reset: OnceLock<metrics::Counter>,
 }
 
 impl UpstreamClient {
@@ -181,42 +190,55 @@ impl UpstreamClient {
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .http2_keep_alive_timeout(Duration::from_secs(10));
         }
-        let pool = match &config.addr {
-            Address::Tcp(a) => Pool::Tcp(b.build(TcpConnector {
+        let connector = match &config.addr {
+            Address::Tcp(a) => Connector::Tcp(TcpConnector {
                 addr: Arc::from(a.as_str()),
                 timeout: connect_timeout,
-            })),
-            Address::Unix(p) => Pool::Unix(b.build(UnixConnector {
+            }),
+            Address::Unix(p) => Connector::Unix(UnixConnector {
                 path: Arc::new(p.clone()),
                 timeout: connect_timeout,
-            })),
+            }),
+        };
+        let pool = match &connector {
+            Connector::Tcp(c) => Pool::Tcp(b.build(c.clone())),
+            Connector::Unix(c) => Pool::Unix(b.build(c.clone())),
         };
         UpstreamClient {
             config,
             pool,
-            connect_timeout,
+            connector,
+            body_reset: OnceLock::new(),
         }
     }
 
     /// A fresh connection outside the pool (upgraded streams never go back).
     pub async fn connect_raw(&self) -> Result<RawConn, ConnectFailure> {
         use tower_service::Service as _;
-        match &self.config.addr {
-            Address::Tcp(a) => TcpConnector {
-                addr: Arc::from(a.as_str()),
-                timeout: self.connect_timeout,
-            }
-            .call(Uri::default())
-            .await
-            .map(RawConn::Tcp),
-            Address::Unix(p) => UnixConnector {
-                path: Arc::new(p.clone()),
-                timeout: self.connect_timeout,
-            }
-            .call(Uri::default())
-            .await
-            .map(RawConn::Unix),
+        match self.connector.clone() {
+            Connector::Tcp(mut c) => c.call(Uri::default()).await.map(RawConn::Tcp),
+            Connector::Unix(mut c) => c.call(Uri::default()).await.map(RawConn::Unix),
         }
+    }
+
+    /// Count a failed request in `portico_upstream_failures_total`, when the
+    /// failure is the upstream's.
+    pub fn count_failure(&self, err: &super::error::ProxyError) {
+        if let Some(reason) = err.upstream_reason() {
+            metrics::counter!(crate::metrics::UPSTREAM_FAILURES,
+                "upstream" => self.config.name.clone(), "reason" => reason)
+            .increment(1);
+        }
+    }
+
+    /// The counter for an upstream body that fails while it streams.
+    pub fn body_reset_counter(&self) -> metrics::Counter {
+        self.body_reset
+            .get_or_init(|| {
+                metrics::counter!(crate::metrics::UPSTREAM_FAILURES,
+                    "upstream" => self.config.name.clone(), "reason" => "reset")
+            })
+            .clone()
     }
 
     /// Send a request whose URI is absolute (`http://authority/path`).

@@ -20,7 +20,6 @@ use super::error::ProxyError;
 use super::headers::{self, Forwarded};
 use super::proxy::{finish, ConnContext, SiteRuntime};
 use super::upstream::UpstreamClient;
-use crate::metrics as m;
 
 /// How long the other side of a WebSocket may stay open after one side
 /// closed its connection (after the close handshake, normally).
@@ -81,14 +80,10 @@ pub async fn proxy(
     };
     let client_upgrade = hyper::upgrade::on(&mut req);
     let fail = |ex: Exchange, err: ProxyError| {
-        if let Some(reason) = err.upstream_reason() {
-            metrics::counter!(m::UPSTREAM_FAILURES, "upstream" => client.config.name.clone(), "reason" => reason).increment(1);
-        }
+        client.count_failure(&err);
         tracing::warn!(upstream = %client.config.name, error = %err, "WebSocket upstream failed");
         let mut ex = ex;
-        let r = err.response();
-        ex.error = Some(err.to_string());
-        ex.respond(r.status().as_u16(), StreamKind::Http);
+        let r = ex.fail(&err);
         finish(r, ex, site)
     };
     let reset = |e: hyper::Error| ProxyError::UpstreamReset {
@@ -99,7 +94,7 @@ pub async fn proxy(
     // A dedicated HTTP/1.1 connection: upgraded sockets never return to a pool.
     let io = match client.connect_raw().await {
         Ok(io) => io,
-        Err(e) => return fail(ex, ProxyError::from_connect(&client.config.name, e)),
+        Err(e) => return fail(ex, ProxyError::from_connect(&client.config.name, &e)),
     };
     let (mut sender, conn) =
         match hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(io)
@@ -193,9 +188,7 @@ pub async fn proxy(
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     }
     *resp.headers_mut() = out_headers;
-    for (k, v) in &site.headers {
-        resp.headers_mut().insert(k.clone(), v.clone());
-    }
+    site.add_headers(resp.headers_mut());
     // The h2 client got 200 (RFC 8441), the HTTP/1.1 client 101.
     ex.respond(if h2 { 200 } else { 101 }, StreamKind::WebSocket);
     let idle = site.idle;
