@@ -1978,17 +1978,50 @@ async fn runs_with_transparent_huge_pages_off() {
     bounded(20, async {
         let listen = free_addr();
         let portico = Portico::start(&redirect_config(listen)).await;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", portico.pid()))
-            .expect("read /proc/PID/status");
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("THP_enabled:"))
+        let thp = status_field(portico.pid(), "THP_enabled")
             .expect("THP_enabled in /proc/PID/status (Linux >= 5.0)");
-        assert_eq!(
-            line.split_whitespace().nth(1),
-            Some("0"),
-            "portico must run with THP disabled: {line}"
-        );
+        assert_eq!(thp, "0", "portico must run with THP disabled");
     })
     .await;
+}
+
+/// `workers` sets the runtime's worker threads, `TOKIO_WORKER_THREADS` wins
+/// over it, and one worker runs everything on the main thread (the
+/// benchmark's one-worker setup): counted from `Threads:` once the process
+/// is ready, then one request shows it serves.
+#[tokio::test]
+async fn workers_and_tokio_worker_threads_set_the_thread_count() {
+    bounded(30, async {
+        for (workers, env, want) in [(1, None, "1"), (3, None, "4"), (1, Some("2"), "3")] {
+            let listen = free_addr();
+            let config = format!("workers = {workers}\n{}", redirect_config(listen));
+            let env: Vec<(&str, &str)> = env
+                .map(|n| ("TOKIO_WORKER_THREADS", n))
+                .into_iter()
+                .collect();
+            let p = Portico::start_with_env(&config, &env).await;
+            assert_eq!(
+                status_field(p.pid(), "Threads").as_deref(),
+                Some(want),
+                "workers = {workers}, env {env:?}"
+            );
+            let mut s = TcpStream::connect(listen).await.unwrap();
+            s.write_all(b"GET /w HTTP/1.1\r\nHost: w.test\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await.unwrap();
+            assert!(answer.starts_with("HTTP/1.1 308"), "got {answer:?}");
+        }
+    })
+    .await;
+}
+
+/// A field of `/proc/PID/status` (e.g. `Threads`), its value trimmed.
+fn status_field(pid: u32, name: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        let value = l.strip_prefix(name)?.strip_prefix(':')?;
+        Some(value.trim().to_string())
+    })
 }
