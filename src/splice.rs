@@ -8,7 +8,6 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
 use tokio::io::Interest;
@@ -23,34 +22,28 @@ const CHUNK: usize = 64 * 1024;
 const SMALL_BUF: usize = 16 * 1024;
 const SPLICE_AFTER: u64 = 256 * 1024;
 
-/// A tokio socket whose readiness we can wait on and whose fd we can splice.
+/// A tokio socket whose fd we can splice, with tokio's readiness loop.
 pub trait Socket: AsFd {
-    fn ready_read(&self) -> impl std::future::Future<Output = io::Result<()>>;
-    fn ready_write(&self) -> impl std::future::Future<Output = io::Result<()>>;
-    fn try_io_with<R>(
+    /// Wait until ready for `interest`, run `f`, and wait again while it
+    /// answers `WouldBlock` (tokio's `async_io`).
+    fn io<R>(
         &self,
         interest: Interest,
-        f: impl FnOnce() -> io::Result<R>,
-    ) -> io::Result<R>;
+        f: impl FnMut() -> io::Result<R>,
+    ) -> impl std::future::Future<Output = io::Result<R>>;
 }
 
-/// TCP and Unix streams have the same inherent readiness methods but no
-/// common trait for them in tokio.
+/// TCP and Unix streams have the same inherent `async_io` but no common
+/// trait for it in tokio.
 macro_rules! impl_socket {
     ($($t:ty),*) => {$(
         impl Socket for $t {
-            async fn ready_read(&self) -> io::Result<()> {
-                self.readable().await
-            }
-            async fn ready_write(&self) -> io::Result<()> {
-                self.writable().await
-            }
-            fn try_io_with<R>(
+            async fn io<R>(
                 &self,
                 interest: Interest,
-                f: impl FnOnce() -> io::Result<R>,
+                f: impl FnMut() -> io::Result<R>,
             ) -> io::Result<R> {
-                self.try_io(interest, f)
+                self.async_io(interest, f).await
             }
         }
     )*};
@@ -64,50 +57,39 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Move bytes from `src` to `dst` until `src` reaches EOF, then shut down
 /// `dst`'s write half (propagating the half-close). `on_bytes` sees every
-/// transfer (metrics, idle clock); `total` accumulates the count.
+/// transfer (metrics, idle clock, totals).
 pub async fn one_way<S: Socket, D: Socket>(
     src: &S,
     dst: &D,
-    total: &AtomicU64,
     mut on_bytes: impl FnMut(u64),
 ) -> io::Result<()> {
     let mut moved = 0u64;
     // Held only while data is flowing: an idle tunnel keeps no buffer.
     let mut buf: Vec<u8> = Vec::new();
     while moved < SPLICE_AFTER {
-        let n = loop {
-            src.ready_read().await?;
-            if buf.capacity() == 0 {
-                // Uninitialised: the kernel fills it, no need to zero 16 KiB.
-                buf = Vec::with_capacity(SMALL_BUF);
-            }
-            buf.clear();
-            match src.try_io_with(Interest::READABLE, || {
+        let n = src
+            .io(Interest::READABLE, || {
+                if buf.capacity() == 0 {
+                    // Uninitialised: the kernel fills it, no need to zero 16 KiB.
+                    buf = Vec::with_capacity(SMALL_BUF);
+                }
+                buf.clear();
                 rustix::io::read(src.as_fd(), rustix::buffer::spare_capacity(&mut buf))
                     .map_err(io::Error::from)
-            }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        };
+            })
+            .await?;
         if n == 0 {
             return shutdown_write(dst);
         }
         let mut off = 0;
         while off < n {
-            dst.ready_write().await?;
-            match dst.try_io_with(Interest::WRITABLE, || {
-                rustix::io::write(dst.as_fd(), &buf[off..n]).map_err(io::Error::from)
-            }) {
-                Ok(m) => {
-                    off += m;
-                    total.fetch_add(m as u64, Ordering::Relaxed);
-                    on_bytes(m as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
+            let m = dst
+                .io(Interest::WRITABLE, || {
+                    rustix::io::write(dst.as_fd(), &buf[off..n]).map_err(io::Error::from)
+                })
+                .await?;
+            off += m;
+            on_bytes(m as u64);
         }
         moved += n as u64;
         if n < SMALL_BUF {
@@ -120,34 +102,24 @@ pub async fn one_way<S: Socket, D: Socket>(
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     loop {
         // Fill the (empty) pipe from the source.
-        let n = loop {
-            src.ready_read().await?;
-            match src.try_io_with(Interest::READABLE, || {
+        let n = src
+            .io(Interest::READABLE, || {
                 splice(src.as_fd(), None, &pipe_w, None, CHUNK, flags).map_err(io::Error::from)
-            }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        };
+            })
+            .await?;
         if n == 0 {
             return shutdown_write(dst);
         }
         // Drain the pipe into the destination.
         let mut left = n;
         while left > 0 {
-            dst.ready_write().await?;
-            match dst.try_io_with(Interest::WRITABLE, || {
-                splice(&pipe_r, None, dst.as_fd(), None, left, flags).map_err(io::Error::from)
-            }) {
-                Ok(m) => {
-                    left -= m;
-                    total.fetch_add(m as u64, Ordering::Relaxed);
-                    on_bytes(m as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
+            let m = dst
+                .io(Interest::WRITABLE, || {
+                    splice(&pipe_r, None, dst.as_fd(), None, left, flags).map_err(io::Error::from)
+                })
+                .await?;
+            left -= m;
+            on_bytes(m as u64);
         }
     }
 }

@@ -117,19 +117,14 @@ pub async fn serve(
             return;
         }
     };
-    let (negotiated, sni, alpn) = {
-        let (_, conn) = tls.get_ref();
-        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-        let negotiated = match alpn.as_deref() {
-            Some(b"h2") => Negotiated::H2,
-            Some(b"http/1.1") => Negotiated::Http1,
-            _ => Negotiated::Unknown,
-        };
-        (negotiated, conn.server_name().map(str::to_string), alpn)
+    let negotiated = match tls.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Negotiated::H2,
+        Some(b"http/1.1") => Negotiated::Http1,
+        _ => Negotiated::Unknown,
     };
 
     let mut first = BytesMut::new();
-    if let Some(backend) = entry.http.config.non_http.clone() {
+    if let Some(backend) = &entry.http.config.non_http {
         // The first decrypted bytes decide: HTTP goes to the HTTP server,
         // anything else (VLESS, Trojan, ...) to the non_http backend.
         let peeked = tokio::select! {
@@ -139,13 +134,17 @@ pub async fn serve(
         match peeked {
             Ok(Peeked::Http) => {}
             Ok(_) | Err(hello::PeekError::Detect(_)) => {
+                // Owned: the TLS stream moves into the tunnel below.
+                let (_, conn) = tls.get_ref();
+                let sni = conn.server_name().map(str::to_string);
+                let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
                 let out = Outbound {
                     source: info.client,
                     destination: info.local,
                     sni: sni.as_deref(),
                     alpn: alpn.as_deref(),
                 };
-                let job = tunnel::Job::new(&backend, &out, &first, site, &cfg.timeouts, false);
+                let job = tunnel::Job::new(backend, &out, &first, site, &cfg.timeouts, false);
                 // Boxed so HTTP connections do not reserve the tunnel's space.
                 Box::pin(tunnel::serve(
                     tunnel::ClientSide::Stream(tls),

@@ -110,6 +110,12 @@ struct Activity {
 }
 
 impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
     fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
@@ -168,10 +174,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let activity = Arc::new(Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    });
+    let activity = Activity::new();
     // Only the activity clock: callers count their own bytes.
     let a = Metered {
         inner: a,
@@ -382,10 +385,7 @@ async fn open<B: AsyncWrite + Unpin>(
         up,
         down,
         client_first,
-        activity: Arc::new(Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }),
+        activity: Activity::new(),
     })
 }
 
@@ -410,14 +410,16 @@ where
         Ok(o) => o,
         Err(stats) => return stats,
     };
-    let (up, down) = (AtomicU64::new(o.client_first), AtomicU64::new(0));
+    let (mut up, mut down) = (o.client_first, 0u64);
     let copy = async {
         tokio::try_join!(
-            crate::splice::one_way(&client, &backend, &up, |n| {
+            crate::splice::one_way(&client, &backend, |n| {
+                up += n;
                 o.up.increment(n);
                 o.activity.touch();
             }),
-            crate::splice::one_way(&backend, &client, &down, |n| {
+            crate::splice::one_way(&backend, &client, |n| {
+                down += n;
                 o.down.increment(n);
                 o.activity.touch();
             }),
@@ -429,11 +431,7 @@ where
         _ = idle_watchdog(&o.activity, job.idle) => CloseCause::Idle,
         _ = shutdown => CloseCause::Shutdown,
     };
-    TunnelStats {
-        up: up.load(Ordering::Relaxed),
-        down: down.load(Ordering::Relaxed),
-        cause,
-    }
+    TunnelStats { up, down, cause }
 }
 
 /// The user-space path: any client stream (decrypted TLS), or splice off.
