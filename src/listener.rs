@@ -96,7 +96,7 @@ pub async fn accept_loop(
 ) {
     // The configured address, as a label for metrics and logs.
     let label: Arc<str> = Arc::from(addr.to_string());
-    let active_gauge = metrics::gauge!(m::CONNECTIONS_ACTIVE, "listener" => label.to_string());
+    let active_gauge = metrics::gauge!(m::CONNECTIONS_ACTIVE, "listener" => label.clone());
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -112,8 +112,8 @@ pub async fn accept_loop(
             }
         };
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-            metrics::counter!(m::CONNECTIONS_REFUSED, "listener" => label.to_string(), "limit" => "max_connections").increment(1);
-            metrics::counter!(m::CONNECTIONS, "listener" => label.to_string(), "route" => "none", "action" => "reject").increment(1);
+            metrics::counter!(m::CONNECTIONS_REFUSED, "listener" => label.clone(), "limit" => "max_connections").increment(1);
+            reject(&label);
             debug!(listener = %label, %peer, "max_connections reached; closing");
             drop(stream);
             continue;
@@ -134,8 +134,9 @@ pub async fn accept_loop(
     }
 }
 
-fn reject(listener: &str, route: &str) {
-    metrics::counter!(m::CONNECTIONS, "listener" => listener.to_string(), "route" => route.to_string(), "action" => "reject").increment(1);
+/// Count a connection closed before any route took it.
+fn reject(listener: &Arc<str>) {
+    metrics::counter!(m::CONNECTIONS, "listener" => listener.clone(), "route" => "none", "action" => "reject").increment(1);
 }
 
 async fn handle(
@@ -158,8 +159,8 @@ async fn handle(
     let deadline = cfg.timeouts.client_hello;
 
     let Ok(pending) = shared.pending_hellos.clone().try_acquire_owned() else {
-        metrics::counter!(m::CONNECTIONS_REFUSED, "listener" => label.to_string(), "limit" => "max_pending_hellos").increment(1);
-        reject(&label, "none");
+        metrics::counter!(m::CONNECTIONS_REFUSED, "listener" => label.clone(), "limit" => "max_pending_hellos").increment(1);
+        reject(&label);
         debug!("too many connections still sending their first bytes; closing");
         return;
     };
@@ -175,8 +176,8 @@ async fn handle(
             _ = shared.shutdown.cancelled() => return,
         };
         if let Err(reason) = read {
-            metrics::counter!(m::PROXY_HEADER_FAILURES, "listener" => label.to_string(), "reason" => reason).increment(1);
-            reject(&label, "none");
+            metrics::counter!(m::PROXY_HEADER_FAILURES, "listener" => label.clone(), "reason" => reason).increment(1);
+            reject(&label);
             return;
         }
     }
@@ -201,13 +202,13 @@ async fn handle(
                 PeekError::Eof(0) | PeekError::Io(_) => {
                     // Port scanners and health checks that connect and leave: not a hello failure.
                     debug!(error = %e, "closed before sending anything");
-                    reject(&label, "none");
+                    reject(&label);
                     return;
                 }
                 _ => "malformed",
             };
             metrics::counter!(m::CLIENT_HELLO_FAILURES, "reason" => reason).increment(1);
-            reject(&label, "none");
+            reject(&label);
             debug!(client = %info.client, error = %e, "closing before routing");
             return;
         }
@@ -218,11 +219,11 @@ async fn handle(
     };
     let Some(route) = route::decide(seen, &cfg.routes) else {
         metrics::counter!(m::CLIENT_HELLO_FAILURES, "reason" => "no_route").increment(1);
-        reject(&label, "none");
+        reject(&label);
         debug!(client = %info.client, first = ?peeked, "no route matches; closing");
         return;
     };
-    metrics::counter!(m::CONNECTIONS, "listener" => label.to_string(), "route" => route.label.clone(), "action" => route.action.kind()).increment(1);
+    metrics::counter!(m::CONNECTIONS, "listener" => label.clone(), "route" => route.label.clone(), "action" => route.action.kind()).increment(1);
 
     let hello = match &peeked {
         Some(Peeked::Tls(h)) => Some(h),

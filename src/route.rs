@@ -108,7 +108,7 @@ addr = "127.0.0.1:6"
     fn target(p: &Peeked) -> String {
         let cfg = load_str(CFG, "test").unwrap();
         let r = decide(Seen::Peeked(p), &cfg.routes).unwrap();
-        r.label.clone()
+        r.label.to_string()
     }
 
     #[test]
@@ -149,7 +149,7 @@ addr = "127.0.0.1:6"
         assert_eq!(target(&Peeked::Unknown), "5:pass:decoy");
         let cfg = load_str(CFG, "test").unwrap();
         assert_eq!(
-            decide(Seen::Silent, &cfg.routes).unwrap().label,
+            &*decide(Seen::Silent, &cfg.routes).unwrap().label,
             "3:pass:ssh"
         );
     }

@@ -369,7 +369,7 @@ pub struct Route {
     /// Position in the file, 0-based, as in `route[N]` of error messages.
     pub index: usize,
     /// Label for metrics: `N:action:target`, bounded by the config.
-    pub label: String,
+    pub label: std::sync::Arc<str>,
     pub matcher: Matcher,
     pub action: Action,
 }

@@ -490,7 +490,7 @@ fn route(
     };
     Ok(Route {
         index: i,
-        label: format!("{i}:{}:{target}", action.kind()),
+        label: format!("{i}:{}:{target}", action.kind()).into(),
         matcher: Matcher {
             sni,
             alpn,
