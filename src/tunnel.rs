@@ -57,12 +57,12 @@ pub async fn connect(backend: &Backend, timeout: Duration) -> Result<BackendStre
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(source)) => Err(ConnectError::Io {
-            backend: backend.name.clone(),
+            backend: backend.name.to_string(),
             addr: backend.addr.to_string(),
             source,
         }),
         Err(_) => Err(ConnectError::Timeout {
-            backend: backend.name.clone(),
+            backend: backend.name.to_string(),
             addr: backend.addr.to_string(),
             timeout,
         }),
@@ -304,12 +304,12 @@ pub async fn serve<C>(
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let name = job.backend.name.as_str();
+    let name = &*job.backend.name;
     let started = Instant::now();
     let conn = match connect(job.backend, job.connect_timeout).await {
         Ok(c) => c,
         Err(e) => {
-            metrics::counter!(m::BACKEND_CONNECT_FAILURES, "backend" => name.to_string())
+            metrics::counter!(m::BACKEND_CONNECT_FAILURES, "backend" => job.backend.name.clone())
                 .increment(1);
             tracing::warn!(client = %job.client, route = %job.route, backend = %name, error = %e, "backend unreachable; closing client");
             return;
@@ -317,7 +317,7 @@ pub async fn serve<C>(
     };
     let stats = {
         let _active = crate::metrics::GaugeGuard::new(
-            metrics::gauge!(m::TUNNEL_ACTIVE, "backend" => name.to_string()),
+            metrics::gauge!(m::TUNNEL_ACTIVE, "backend" => job.backend.name.clone()),
         );
         match (client, conn) {
             (ClientSide::Tcp(c), BackendStream::Tcp(b)) if job.splice => {
@@ -339,7 +339,7 @@ pub async fn serve<C>(
         }
     };
     let secs = started.elapsed().as_secs_f64();
-    metrics::histogram!(m::TUNNEL_DURATION, "backend" => name.to_string()).record(secs);
+    metrics::histogram!(m::TUNNEL_DURATION, "backend" => job.backend.name.clone()).record(secs);
     tracing::info!(
         target: "portico::access",
         kind = "tunnel",
@@ -368,9 +368,8 @@ async fn open<B: AsyncWrite + Unpin>(
     backend: &mut B,
     job: &Job<'_>,
 ) -> Result<Opened, TunnelStats> {
-    let name = job.backend.name.as_str();
-    let up = metrics::counter!(m::TUNNEL_BYTES, "backend" => name.to_string(), "direction" => "upstream");
-    let down = metrics::counter!(m::TUNNEL_BYTES, "backend" => name.to_string(), "direction" => "downstream");
+    let up = metrics::counter!(m::TUNNEL_BYTES, "backend" => job.backend.name.clone(), "direction" => "upstream");
+    let down = metrics::counter!(m::TUNNEL_BYTES, "backend" => job.backend.name.clone(), "direction" => "downstream");
     if let Err(e) = backend.write_all(&job.first).await {
         return Err(TunnelStats {
             up: 0,

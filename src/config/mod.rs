@@ -437,7 +437,8 @@ impl ProxyVersion {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
-    pub name: String,
+    /// Shared: it labels every tunnel's metrics.
+    pub name: std::sync::Arc<str>,
     pub addr: Address,
     pub proxy_protocol: ProxyVersion,
 }

@@ -219,7 +219,7 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
         backends.insert(
             name.clone(),
             Arc::new(Backend {
-                name: name.clone(),
+                name: name.as_str().into(),
                 addr,
                 proxy_protocol,
             }),
@@ -484,7 +484,7 @@ fn route(
         return Err(cx.err(key, "no action: set one of pass, terminate or redirect"));
     };
     let target = match &action {
-        Action::Pass(b) => b.name.clone(),
+        Action::Pass(b) => b.name.to_string(),
         Action::Terminate(s) => s.clone(),
         Action::Redirect => "https".to_string(),
     };
