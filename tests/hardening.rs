@@ -20,8 +20,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use common::{
-    bounded, expect_closed, fixture, free_addr, insecure_connector, raise_nofile_limit, rss_kib,
-    Portico, RecordingUpstream,
+    api_config, bounded, expect_closed, fixture, free_addr, insecure_connector, raise_nofile_limit,
+    rss_kib, Portico, RecordingUpstream,
 };
 
 /// One test at a time: they measure latency and close times on two cores.
@@ -38,20 +38,8 @@ type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 /// directly, everything else goes to `upstream`. `extra` adds tables
 /// (`[limits]`, `[timeouts]`, more listeners).
 fn site_config(listen: SocketAddr, upstream: SocketAddr, extra: &str) -> String {
-    format!(
+    let locations = format!(
         r#"
-{extra}
-
-[[listen]]
-addr = "{listen}"
-
-[[route]]
-sni = ["api.test"]
-terminate = "api"
-
-[site.api]
-cert = "self-signed"
-
 [[site.api.location]]
 path = "/ok"
 match = "exact"
@@ -64,7 +52,8 @@ upstream = "rec"
 [upstream.rec]
 url = "http://{upstream}"
 "#
-    )
+    );
+    api_config(listen, extra, &locations)
 }
 
 /// A recording upstream and portico running [`site_config`] with `extra`

@@ -25,8 +25,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -38,30 +37,18 @@ use tokio::sync::{mpsc, RwLock};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
-use common::{bounded, free_addr, rss_kib, Portico, TempDir};
+use common::{
+    api_config, bounded, connect, empty, free_addr, full, rss_kib, BoxError, Portico, TempDir,
+    TestBody,
+};
 
 /// Write: this test runs alone in this binary. Read: shares with the others.
 /// tokio's lock is runtime-agnostic, so it works across the per-test runtimes.
 static SERIAL: RwLock<()> = RwLock::const_new(());
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type TestBody = UnsyncBoxBody<Bytes, BoxError>;
-
 const MIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------- bodies
-
-fn empty() -> TestBody {
-    Empty::<Bytes>::new()
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-fn full(b: impl Into<Bytes>) -> TestBody {
-    Full::new(b.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
 
 /// A body fed by a channel: each `send` is one frame. Dropping the sender
 /// ends the body; the sender's `closed()` tells when the body was dropped.
@@ -609,8 +596,7 @@ async fn tls_connect(
     sni: &str,
     preamble: &[u8],
 ) -> Tls {
-    let mut tcp = TcpStream::connect(addr).await.expect("connect to portico");
-    tcp.set_nodelay(true).unwrap();
+    let mut tcp = connect(addr).await;
     if !preamble.is_empty() {
         tcp.write_all(preamble).await.unwrap();
     }
@@ -839,22 +825,7 @@ fn header_str<'a>(r: &'a Response<Incoming>, name: &str) -> Option<&'a str> {
 /// (self-signed); `site` is the rest of `[site.api]` plus its locations,
 /// `rest` goes at the end (upstreams, timeouts, more routes).
 fn config(listen: SocketAddr, site: &str, rest: &str) -> String {
-    format!(
-        r#"
-[[listen]]
-addr = "{listen}"
-
-[[route]]
-sni = ["api.test"]
-terminate = "api"
-
-[site.api]
-cert = "self-signed"
-{site}
-
-{rest}
-"#
-    )
+    format!("{}\n\n{rest}\n", api_config(listen, "", site))
 }
 
 /// Everything under `/` to the origin.

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{header, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -45,15 +44,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{bounded, free_addr, metric_value, pseudo_random, Expect, Portico};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type TestBody = UnsyncBoxBody<Bytes, BoxError>;
+use common::{
+    api_config, bounded, empty, free_addr, full, insecure_client_config, insecure_connector,
+    metric_value, pseudo_random, BoxError, Expect, Portico, TestBody,
+};
 
 // ---------------------------------------------------------------- the mix, in numbers
 
@@ -403,18 +401,6 @@ async fn feed(tx: &mpsc::Sender<Result<Bytes, BoxError>>, chunk: &'static [u8]) 
     tx.send(Ok(Bytes::from_static(chunk))).await.is_ok()
 }
 
-fn full(b: impl Into<Bytes>) -> TestBody {
-    Full::new(b.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-fn empty() -> TestBody {
-    Empty::<Bytes>::new()
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
 fn event_stream(
     script: impl FnOnce(mpsc::Sender<Result<Bytes, BoxError>>) -> JoinHandle<()>,
 ) -> Response<TestBody> {
@@ -566,23 +552,12 @@ async fn start_sink(
 
 // ---------------------------------------------------------------- clients
 
-fn client_tls(alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(common::AcceptAny::new(provider))
-        .with_no_client_auth();
-    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    Arc::new(cfg)
-}
-
 /// The exact bytes of the first flight of a rustls client for `sni`: a
 /// ClientHello, for routes to match on.
 fn client_hello(sni: &str, alpn: &[&[u8]]) -> Vec<u8> {
     let name = ServerName::try_from(sni.to_string()).expect("server name");
-    let mut conn = rustls::ClientConnection::new(client_tls(alpn), name).expect("client");
+    let mut conn =
+        rustls::ClientConnection::new(insecure_client_config(alpn), name).expect("client");
     let mut out = Vec::new();
     while conn.wants_write() {
         conn.write_tls(&mut out).expect("write ClientHello");
@@ -593,16 +568,7 @@ fn client_hello(sni: &str, alpn: &[&[u8]]) -> Vec<u8> {
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
 async fn tls_connect(addr: SocketAddr, alpn: &[u8], sni: &str) -> Tls {
-    let tcp = TcpStream::connect(addr).await.expect("connect to portico");
-    tcp.set_nodelay(true).unwrap();
-    let name = ServerName::try_from(sni.to_string()).expect("server name");
-    let tls = tokio::time::timeout(
-        Duration::from_secs(5),
-        TlsConnector::from(client_tls(&[alpn])).connect(name, tcp),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("TLS handshake with {addr} for {sni} timed out"))
-    .unwrap_or_else(|e| panic!("TLS handshake with {addr} for {sni} failed: {e}"));
+    let (tls, _) = common::tls_connect(addr, &insecure_connector(&[alpn]), sni).await;
     assert_eq!(
         tls.get_ref().1.alpn_protocol(),
         Some(alpn),
@@ -971,27 +937,6 @@ url = "http://{ws}"
 [upstream.dead]
 url = "http://{dead}"
 "#
-    )
-}
-
-/// A config: `extra` first (tables, and routes to match before `api.test`),
-/// one listener on `listen`, the route `api.test` to the self-signed site
-/// `api`, then `locations` (the site's locations and their upstreams).
-fn api_config(listen: SocketAddr, extra: &str, locations: &str) -> String {
-    format!(
-        r#"
-{extra}
-
-[[listen]]
-addr = "{listen}"
-
-[[route]]
-sni = ["api.test"]
-terminate = "api"
-
-[site.api]
-cert = "self-signed"
-{locations}"#
     )
 }
 

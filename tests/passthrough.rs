@@ -24,12 +24,6 @@ fn v2_header_bytes() -> Vec<u8> {
     h
 }
 
-async fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).await.expect("connect to portico");
-    s.set_nodelay(true).unwrap();
-    s
-}
-
 /// One round trip through an established tunnel to an echo server.
 async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     s: &mut S,

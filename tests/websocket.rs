@@ -42,7 +42,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use common::{
-    bounded, checksum, free_addr, insecure_connector, pseudo_random, raise_nofile_limit, Portico,
+    api_config, bounded, checksum, free_addr, insecure_connector, pseudo_random,
+    raise_nofile_limit, Portico,
 };
 
 /// Write: this test runs alone in this binary. Read: shares with the others.
@@ -375,18 +376,8 @@ impl Env {
         let refuser = RawUpstream::start(RawKind::Refuse).await;
         let resetter = RawUpstream::start(RawKind::ResetAfterUpgrade).await;
         let addr = free_addr();
-        let config = format!(
+        let locations = format!(
             r#"
-[[listen]]
-addr = "{addr}"
-
-[[route]]
-sni = ["api.test"]
-terminate = "api"
-
-[site.api]
-cert = "self-signed"
-
 [[site.api.location]]
 name = "responses"
 path = "/v1/responses"
@@ -431,7 +422,7 @@ url = "http://{}"
 "#,
             echo.addr, refuser.addr, resetter.addr
         );
-        let portico = Portico::start(&config).await;
+        let portico = Portico::start(&api_config(addr, "", &locations)).await;
         Env {
             portico,
             addr,

@@ -15,6 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
@@ -351,6 +354,13 @@ pub fn tls_connector(cert: &TestCert, alpn: &[&str], sni: bool) -> TlsConnector 
     TlsConnector::from(Arc::new(cfg))
 }
 
+/// A TCP connection to `addr` with Nagle off.
+pub async fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).await.expect("connect to portico");
+    s.set_nodelay(true).unwrap();
+    s
+}
+
 /// TCP connect to `addr` and complete a TLS handshake for `name`.
 /// Returns the stream and the client socket's local address.
 pub async fn tls_connect(
@@ -358,8 +368,7 @@ pub async fn tls_connect(
     connector: &TlsConnector,
     name: &str,
 ) -> (tokio_rustls::client::TlsStream<TcpStream>, SocketAddr) {
-    let tcp = TcpStream::connect(addr).await.expect("connect to portico");
-    tcp.set_nodelay(true).unwrap();
+    let tcp = connect(addr).await;
     let local = tcp.local_addr().unwrap();
     let server_name = ServerName::try_from(name.to_string()).expect("server name");
     let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(server_name, tcp))
@@ -367,6 +376,24 @@ pub async fn tls_connect(
         .unwrap_or_else(|_| panic!("TLS handshake for {name} via {addr} timed out"))
         .unwrap_or_else(|e| panic!("TLS handshake for {name} via {addr} failed: {e}"));
     (tls, local)
+}
+
+// ---------------------------------------------------------------- HTTP bodies
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of the tests' hyper origins and clients.
+pub type TestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn empty() -> TestBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 // ---------------------------------------------------------------- PROXY headers
@@ -848,6 +875,27 @@ impl Portico {
     }
 }
 
+/// A config: `extra` first (tables, and routes to match before `api.test`),
+/// one listener on `listen`, the route `api.test` to the self-signed site
+/// `api`, then `locations` (the site's locations and their upstreams).
+pub fn api_config(listen: SocketAddr, extra: &str, locations: &str) -> String {
+    format!(
+        r#"
+{extra}
+
+[[listen]]
+addr = "{listen}"
+
+[[route]]
+sni = ["api.test"]
+terminate = "api"
+
+[site.api]
+cert = "self-signed"
+{locations}"#
+    )
+}
+
 /// `config` with the harness's `[admin]` table appended.
 pub fn with_admin(config: &str, metrics: SocketAddr) -> String {
     format!("{config}\n[admin]\nmetrics = \"{metrics}\"\n")
@@ -855,8 +903,8 @@ pub fn with_admin(config: &str, metrics: SocketAddr) -> String {
 
 // ---------------------------------------------------------------- hardening helpers
 
-/// A TLS client that trusts any certificate and offers `alpn`.
-pub fn insecure_connector(alpn: &[&[u8]]) -> TlsConnector {
+/// A TLS client config that trusts any certificate and offers `alpn`.
+pub fn insecure_client_config(alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let provider = provider();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -865,7 +913,12 @@ pub fn insecure_connector(alpn: &[&[u8]]) -> TlsConnector {
         .with_custom_certificate_verifier(AcceptAny::new(provider))
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    TlsConnector::from(Arc::new(cfg))
+    Arc::new(cfg)
+}
+
+/// A TLS client that trusts any certificate and offers `alpn`.
+pub fn insecure_connector(alpn: &[&[u8]]) -> TlsConnector {
+    TlsConnector::from(insecure_client_config(alpn))
 }
 
 /// Resident set size of process `pid` in KiB (`VmRSS` of `/proc/PID/status`).
