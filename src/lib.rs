@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod config;
 pub mod conn;
+pub mod describe;
 pub mod dial;
 pub mod generation;
 pub mod hello;

@@ -72,7 +72,7 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    print!("{}", portico::config::describe(&generation.config));
+    print!("{}", portico::describe::describe(&generation.config));
     ExitCode::SUCCESS
 }
 

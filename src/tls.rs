@@ -50,6 +50,14 @@ fn provider() -> rustls::crypto::CryptoProvider {
     p
 }
 
+/// Fill `buf` from the crypto provider's secure random generator (the one
+/// rustls uses for its own nonces).
+pub fn secure_random(buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFailed> {
+    static PROVIDER: std::sync::LazyLock<rustls::crypto::CryptoProvider> =
+        std::sync::LazyLock::new(provider);
+    PROVIDER.secure_random.fill(buf)
+}
+
 /// Build the site's TLS config; the error says which file and what is wrong.
 pub fn server_config(site: &Site) -> Result<Arc<ServerConfig>, String> {
     let key = match &site.cert {

@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     match portico::config::load_str(text, "fuzz.toml") {
         Ok(cfg) => {
             // A config that loads can be described (`portico check` prints this).
-            let _ = portico::config::describe(&cfg);
+            let _ = portico::describe::describe(&cfg);
         }
         Err(e) => {
             let msg = e.to_string();

@@ -42,19 +42,14 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     conn_upgrade && req.headers().contains_key(header::UPGRADE)
 }
 
-/// A fresh `Sec-WebSocket-Key` for bridged h2 requests (a nonce; RFC 6455 §4.1).
-fn new_key() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SEQ: AtomicU64 = AtomicU64::new(0);
+/// A fresh `Sec-WebSocket-Key` for bridged h2 requests: 16 bytes from the
+/// crypto provider's secure random, base64 (a nonce; RFC 6455 §4.1).
+fn new_key() -> Result<HeaderValue, ProxyError> {
     let mut bytes = [0u8; 16];
-    for chunk in bytes.chunks_mut(8) {
-        // Each RandomState is seeded with fresh keys from the OS.
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(SEQ.fetch_add(1, Ordering::Relaxed));
-        chunk.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    base64::engine::general_purpose::STANDARD.encode(bytes)
+    crate::tls::secure_random(&mut bytes)
+        .map_err(|_| ProxyError::Internal("no secure random for the WebSocket key"))?;
+    let key = base64::engine::general_purpose::STANDARD.encode(bytes);
+    HeaderValue::from_str(&key).map_err(|_| ProxyError::Internal("WebSocket key"))
 }
 
 /// Proxy an upgrade request; returns the response for the client.
@@ -126,8 +121,11 @@ pub async fn proxy(
         headers.insert(header::UPGRADE, v);
     }
     if h2 && !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
-        if let Ok(v) = HeaderValue::from_str(&new_key()) {
-            headers.insert(header::SEC_WEBSOCKET_KEY, v);
+        match new_key() {
+            Ok(v) => {
+                headers.insert(header::SEC_WEBSOCKET_KEY, v);
+            }
+            Err(e) => return fail(ex, e),
         }
     }
     if !headers.contains_key(header::SEC_WEBSOCKET_VERSION) {
@@ -359,6 +357,17 @@ impl<S: AsyncWrite> AsyncWrite for Framed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_are_16_random_bytes() {
+        let a = new_key().unwrap();
+        let b = new_key().unwrap();
+        assert_ne!(a, b);
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(a.as_bytes())
+            .unwrap();
+        assert_eq!(raw.len(), 16);
+    }
 
     fn frame(fin: bool, opcode: u8, masked: bool, len: usize) -> Vec<u8> {
         let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
