@@ -65,7 +65,12 @@ pub fn prepare(cfg: Config) -> Result<Generation, ConfigError> {
             &clients,
             cfg.timeouts.idle,
             cfg.limits.max_uri_length,
-        );
+        )
+        .map_err(|reason| ConfigError {
+            source: cfg.source.clone(),
+            key: format!("site.{name}"),
+            reason,
+        })?;
         let entry = TerminatedSite::new(
             TlsAcceptor::from(tls),
             Arc::new(http),

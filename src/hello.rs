@@ -58,9 +58,12 @@ pub struct ClientHello {
     pub sni: Option<String>,
     /// Offered ALPN protocols in client order (empty if absent).
     pub alpn: Vec<Vec<u8>>,
-    /// Version field of the first record header (0x0301..0x0304 are all accepted).
+    /// Version field of the first record header (0x0301..0x0304 are all
+    /// accepted). Not used for routing: read by the tests and for debugging.
     pub record_version: u16,
-    /// Total bytes of the records that carry the complete ClientHello (header included).
+    /// Total bytes of the records that carry the complete ClientHello
+    /// (header included). Not used for routing: the tests and the fuzz
+    /// target check it against the input.
     pub hello_len: usize,
 }
 

@@ -97,7 +97,10 @@ fn describe() {
         Unit::Bytes,
         "HTTP body bytes; direction is request or response."
     );
-    describe_counter!(SSE_EVENTS, "Server-sent events relayed to clients.");
+    describe_counter!(
+        SSE_EVENTS,
+        "Server-sent events relayed to clients, counted at each blank line that ends one; comment-only keepalives (\": ping\") count too."
+    );
     describe_counter!(
         WEBSOCKET_MESSAGES,
         "WebSocket messages relayed; direction is client_to_upstream or upstream_to_client."

@@ -21,7 +21,7 @@ const V2_FIXED: usize = 16;
 pub const V2_MAX: usize = 1024;
 const V2_SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum InboundError {
     #[error("no complete PROXY header within {0:?}")]
     Timeout(Duration),
@@ -32,7 +32,7 @@ pub enum InboundError {
     #[error("PROXY v2 header declares {0} bytes, more than the {V2_MAX} accepted")]
     TooLarge(usize),
     #[error("read: {0}")]
-    Io(String),
+    Io(#[source] std::io::Error),
 }
 
 impl InboundError {
@@ -191,17 +191,16 @@ pub async fn read_inbound<R: AsyncRead + Unpin>(
                     return Ok(carried);
                 }
                 Step::NeedMore => {
-                    // Read only what could still be header, never a whole buffer's worth.
+                    // Room for the rest of the longest possible header; a read
+                    // may also take the client's first bytes behind it, which
+                    // stay in `buf` for the next stage.
                     let want = if buf.first() == Some(&V2_SIG[0]) {
                         V2_MAX
                     } else {
                         V1_MAX
                     };
                     buf.reserve(want.saturating_sub(buf.len()).max(1));
-                    let n = io
-                        .read_buf(buf)
-                        .await
-                        .map_err(|e| InboundError::Io(e.to_string()))?;
+                    let n = io.read_buf(buf).await.map_err(InboundError::Io)?;
                     if n == 0 {
                         return Err(InboundError::Eof);
                     }
@@ -361,10 +360,10 @@ mod tests {
     fn huge_v2_length_refused_from_16_bytes() {
         let mut h = V2_SIG.to_vec();
         h.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
-        assert_eq!(
+        assert!(matches!(
             parse(&h).err(),
-            Some(InboundError::TooLarge(V2_FIXED + 0xffff))
-        );
+            Some(InboundError::TooLarge(n)) if n == V2_FIXED + 0xffff
+        ));
     }
 
     #[test]
@@ -406,6 +405,9 @@ mod tests {
         a.write_all(b"PROXY TCP4 192.0.2.1").await.unwrap();
         let mut buf = BytesMut::new();
         let r = read_inbound(&mut b, &mut buf, Duration::from_millis(100)).await;
-        assert_eq!(r, Err(InboundError::Timeout(Duration::from_millis(100))));
+        assert!(
+            matches!(r, Err(InboundError::Timeout(d)) if d == Duration::from_millis(100)),
+            "{r:?}"
+        );
     }
 }

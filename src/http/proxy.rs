@@ -146,9 +146,7 @@ pub async fn handle(
             r
         }
         Action::Upstream(client) => {
-            let Some(client) = client.clone() else {
-                return unmatched(ProxyError::Internal("upstream client missing"));
-            };
+            let client = client.clone();
             if websocket::is_upgrade(&req) {
                 if !loc.websocket {
                     let r = ProxyError::WebSocketDisabled.answer(&mut ex);

@@ -34,7 +34,7 @@ pub enum Action {
         content_type: Option<HeaderValue>,
     },
     /// Proxy to the upstream's pool.
-    Upstream(Option<Arc<UpstreamClient>>),
+    Upstream(Arc<UpstreamClient>),
 }
 
 /// A site ready to serve: compiled router, headers, upstream clients.
@@ -59,20 +59,22 @@ impl SiteRuntime {
         clients: &BTreeMap<String, Arc<UpstreamClient>>,
         idle: std::time::Duration,
         max_uri: usize,
-    ) -> SiteRuntime {
+    ) -> Result<SiteRuntime, String> {
         let router = Router::new(
             site.locations
                 .iter()
                 .map(|l| (l.path.as_str(), l.match_kind == MatchKind::Exact)),
         );
-        let locations = site
-            .locations
-            .iter()
-            .map(|l| LocationRuntime {
+        let mut locations = Vec::with_capacity(site.locations.len());
+        for l in &site.locations {
+            locations.push(LocationRuntime {
                 name: Arc::from(l.name.as_str()),
                 metrics: Arc::new(crate::metrics::LocationMetrics::new(&site.name, &l.name)),
                 action: match &l.target {
-                    Target::Upstream(u) => Action::Upstream(clients.get(&u.name).cloned()),
+                    Target::Upstream(u) => match clients.get(&u.name) {
+                        Some(c) => Action::Upstream(c.clone()),
+                        None => return Err(format!("no pool for upstream {:?}", u.name)),
+                    },
                     Target::Respond {
                         status,
                         body,
@@ -84,8 +86,8 @@ impl SiteRuntime {
                     },
                 },
                 websocket: l.websocket,
-            })
-            .collect();
+            });
+        }
         // Validated at config load; anything unparsable was rejected there.
         let headers = site
             .headers
@@ -103,7 +105,7 @@ impl SiteRuntime {
             .as_ref()
             .map(preflight_headers)
             .unwrap_or_default();
-        SiteRuntime {
+        Ok(SiteRuntime {
             name: Arc::from(site.name.as_str()),
             config: site,
             router,
@@ -113,7 +115,7 @@ impl SiteRuntime {
             idle,
             max_uri,
             unmatched,
-        }
+        })
     }
 
     pub fn admits_host(&self, host: &str) -> bool {
