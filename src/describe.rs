@@ -83,7 +83,7 @@ pub fn describe(cfg: &Config) -> String {
                     u.addr,
                     if l.websocket { "" } else { " websocket=false" }
                 ),
-                Target::Respond { status, .. } => format!("respond {status}"),
+                Target::Respond { status, .. } => format!("respond {}", status.as_u16()),
             };
             let kind = match l.match_kind {
                 MatchKind::Exact => "=",

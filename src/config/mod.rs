@@ -5,6 +5,9 @@
 pub mod raw;
 mod validate;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -129,6 +132,23 @@ pub(crate) fn key_path(parts: &[String]) -> String {
     out
 }
 
+/// A config enum read from its TOML string: `TryFrom<String>` gives the
+/// one-line "is not a ... (use ...)" message, which figment reports at the
+/// key's path.
+macro_rules! config_enum {
+    ($ty:ident, $what:literal, $use:literal, { $($text:literal => $variant:ident),+ $(,)? }) => {
+        impl TryFrom<String> for $ty {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                match s.as_str() {
+                    $($text => Ok($ty::$variant),)+
+                    _ => Err(format!(concat!("{:?} is not ", $what, " (use ", $use, ")"), s)),
+                }
+            }
+        }
+    };
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -213,11 +233,17 @@ pub struct Tunnel {
     pub splice: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum LogFormat {
     Text,
     Json,
 }
+
+config_enum!(LogFormat, "a log format", r#""text" or "json""#, {
+    "text" => Text,
+    "json" => Json,
+});
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Log {
@@ -252,13 +278,21 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
 }
 
 /// What the first bytes of a connection must be for a route to match.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum Protocol {
     Tls,
     Http,
     Ssh,
     Any,
 }
+
+config_enum!(Protocol, "a protocol", r#""tls", "http", "ssh" or "any""#, {
+    "tls" => Tls,
+    "http" => Http,
+    "ssh" => Ssh,
+    "any" => Any,
+});
 
 impl Protocol {
     pub fn as_str(self) -> &'static str {
@@ -418,12 +452,19 @@ impl fmt::Display for Address {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum ProxyVersion {
     None,
     V1,
     V2,
 }
+
+config_enum!(ProxyVersion, "a PROXY protocol version", r#""none", "v1" or "v2""#, {
+    "none" => None,
+    "v1" => V1,
+    "v2" => V2,
+});
 
 impl ProxyVersion {
     pub fn as_str(self) -> &'static str {
@@ -453,25 +494,33 @@ pub enum CertSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cors {
     pub origins: Vec<String>,
-    pub methods: Vec<String>,
-    pub headers: Vec<String>,
+    /// `Access-Control-Allow-Methods` of preflight answers.
+    pub methods: http::HeaderValue,
+    /// `Access-Control-Allow-Headers` of preflight answers.
+    pub headers: http::HeaderValue,
     pub credentials: bool,
     pub max_age: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum MatchKind {
     Exact,
     Prefix,
 }
 
+config_enum!(MatchKind, "a match kind", r#""exact" or "prefix""#, {
+    "exact" => Exact,
+    "prefix" => Prefix,
+});
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Upstream(Arc<Upstream>),
     Respond {
-        status: u16,
-        body: String,
-        content_type: String,
+        status: http::StatusCode,
+        body: bytes::Bytes,
+        content_type: http::HeaderValue,
     },
 }
 
@@ -495,16 +544,23 @@ pub struct Site {
     pub any_name: bool,
     pub max_body: Option<u64>,
     pub non_http: Option<Arc<Backend>>,
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub cors: Option<Cors>,
     pub locations: Vec<Location>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum UpstreamProtocol {
     Http1,
     H2c,
 }
+
+config_enum!(UpstreamProtocol, "an upstream protocol", r#""http1" or "h2c""#, {
+    "http1" => Http1,
+    "http/1.1" => Http1,
+    "h2c" => H2c,
+});
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {

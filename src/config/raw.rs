@@ -1,14 +1,17 @@
 //! Raw serde shapes of the TOML config, exactly as users write them.
 //!
 //! Every struct denies unknown fields: a typo such as `acept_proxy` must be an
-//! error, not a silently ignored key. Values stay close to the text here;
-//! `validate` turns them into checked types (addresses, CIDRs, route tables).
+//! error, not a silently ignored key. Keyword values (protocols, formats,
+//! versions) are read into their enums here; `validate` turns the rest into
+//! checked types (addresses, CIDRs, headers, route tables).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::Deserialize;
+
+use super::{LogFormat, MatchKind, Protocol, ProxyVersion, UpstreamProtocol};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,7 +86,7 @@ pub struct RawTunnel {
 #[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub level: Option<String>,
-    pub format: Option<String>,
+    pub format: Option<LogFormat>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,7 +103,7 @@ pub struct RawListen {
 pub struct RawRoute {
     pub sni: Option<Vec<String>>,
     pub alpn: Option<Vec<String>>,
-    pub protocol: Option<String>,
+    pub protocol: Option<Protocol>,
     pub pass: Option<String>,
     pub terminate: Option<String>,
     pub redirect: Option<String>,
@@ -114,7 +117,7 @@ pub struct RawRoute {
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
     pub addr: String,
-    pub proxy_protocol: Option<String>,
+    pub proxy_protocol: Option<ProxyVersion>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,7 +152,7 @@ pub struct RawLocation {
     pub name: Option<String>,
     pub path: String,
     #[serde(rename = "match")]
-    pub match_kind: Option<String>,
+    pub match_kind: Option<MatchKind>,
     pub upstream: Option<String>,
     pub respond: Option<RawRespond>,
     pub websocket: Option<bool>,
@@ -169,5 +172,5 @@ pub struct RawRespond {
 pub struct RawUpstream {
     pub url: String,
     pub keepalive: Option<usize>,
-    pub protocol: Option<String>,
+    pub protocol: Option<UpstreamProtocol>,
 }

@@ -108,16 +108,7 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
 
     let log = Log {
         level: raw.log.level.clone().unwrap_or_else(|| "info".into()),
-        format: match raw.log.format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(cx.err(
-                    "log.format",
-                    format!("{other:?} is not a log format (use \"text\" or \"json\")"),
-                ))
-            }
-        },
+        format: raw.log.format.unwrap_or(LogFormat::Text),
     };
     if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
         return Err(cx.err(
@@ -183,14 +174,14 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
         });
     }
     // A wildcard address and a specific one on the same port cannot both bind.
-    for (i, a) in listeners.iter().enumerate() {
-        for b in listeners.iter().skip(i + 1) {
+    for (j, b) in listeners.iter().enumerate() {
+        for a in &listeners[..j] {
             if a.addr.port() == b.addr.port()
                 && a.addr.is_ipv4() == b.addr.is_ipv4()
                 && (a.addr.ip().is_unspecified() || b.addr.ip().is_unspecified())
             {
                 return Err(cx.err(
-                    format!("listen[{}].addr", listeners.len() - 1),
+                    format!("listen[{j}].addr"),
                     format!("{} overlaps {} on the same port", b.addr, a.addr),
                 ));
             }
@@ -203,19 +194,7 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
         let key = format!("backend.{name}");
         check_name(&cx, &key, name)?;
         let addr = Address::parse(&b.addr).map_err(|r| cx.err(format!("{key}.addr"), r))?;
-        let proxy_protocol = match b.proxy_protocol.as_deref() {
-            None | Some("none") => ProxyVersion::None,
-            Some("v1") => ProxyVersion::V1,
-            Some("v2") => ProxyVersion::V2,
-            Some(other) => {
-                return Err(cx.err(
-                    format!("{key}.proxy_protocol"),
-                    format!(
-                    "{other:?} is not a PROXY protocol version (use \"none\", \"v1\" or \"v2\")"
-                ),
-                ))
-            }
-        };
+        let proxy_protocol = b.proxy_protocol.unwrap_or(ProxyVersion::None);
         backends.insert(
             name.clone(),
             Arc::new(Backend {
@@ -242,6 +221,10 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
     if routes.is_empty() {
         return Err(cx.err("route", "no [[route]]: every connection would be refused"));
     }
+    if routes.iter().filter(|r| r.matcher.take_silent).count() > 1 {
+        return Err(cx.err("route", "only one route may set take_silent"));
+    }
+
     for (j, later) in routes.iter().enumerate() {
         if let Some(earlier) = routes[..j]
             .iter()
@@ -256,10 +239,6 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
             ));
         }
     }
-    if routes.iter().filter(|r| r.matcher.take_silent).count() > 1 {
-        return Err(cx.err("route", "only one route may set take_silent"));
-    }
-
     // Sites: names come from the routes that terminate there.
     let mut sites = BTreeMap::new();
     for (name, s) in &raw.site {
@@ -398,21 +377,11 @@ fn route(
         ));
     }
     let tls_matchers = !sni.is_empty() || !alpn.is_empty();
-    let protocol = match r.protocol.as_deref() {
-        None if tls_matchers => Protocol::Tls,
-        None if r.terminate.is_some() => Protocol::Tls,
+    let protocol = match r.protocol {
+        Some(p) => p,
+        None if tls_matchers || r.terminate.is_some() => Protocol::Tls,
         None if r.redirect.is_some() => Protocol::Http,
         None => Protocol::Any,
-        Some("tls") => Protocol::Tls,
-        Some("http") => Protocol::Http,
-        Some("ssh") => Protocol::Ssh,
-        Some("any") => Protocol::Any,
-        Some(other) => {
-            return Err(cx.err(
-                format!("{key}.protocol"),
-                format!("{other:?} is not a protocol (use \"tls\", \"http\", \"ssh\" or \"any\")"),
-            ))
-        }
     };
     if tls_matchers && protocol != Protocol::Tls {
         return Err(cx.err(
@@ -554,16 +523,7 @@ fn upstream(cx: &Ctx, key: &str, name: &str, u: &RawUpstream) -> Result<Upstream
             format!("{:?} is not an upstream URL (use \"http://127.0.0.1:8317\" or \"unix:/run/app.sock\"; upstreams speak plain HTTP)", u.url),
         ));
     };
-    let protocol = match u.protocol.as_deref() {
-        None | Some("http1") | Some("http/1.1") => UpstreamProtocol::Http1,
-        Some("h2c") => UpstreamProtocol::H2c,
-        Some(other) => {
-            return Err(cx.err(
-                format!("{key}.protocol"),
-                format!("{other:?} is not an upstream protocol (use \"http1\" or \"h2c\")"),
-            ))
-        }
-    };
+    let protocol = u.protocol.unwrap_or(UpstreamProtocol::Http1);
     Ok(Upstream {
         name: name.to_string(),
         addr,
@@ -614,16 +574,16 @@ fn site(
     };
     let mut headers = Vec::new();
     for (h, v) in &s.headers {
-        if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+        let Ok(name) = http::HeaderName::from_bytes(h.as_bytes()) else {
             return Err(cx.err(
                 format!("{key}.headers"),
                 format!("{h:?} is not a header name"),
             ));
-        }
-        if http::HeaderValue::from_str(v).is_err() {
+        };
+        let Ok(value) = http::HeaderValue::from_str(v) else {
             return Err(cx.err(format!("{key}.headers.{h}"), "not a valid header value"));
-        }
-        headers.push((h.clone(), v.clone()));
+        };
+        headers.push((name, value));
     }
     let cors = match &s.cors {
         None => None,
@@ -646,24 +606,50 @@ fn site(
                     "credentials cannot be allowed for origin \"*\"",
                 ));
             }
-            Some(Cors {
-                origins: c.origins.clone(),
-                methods: c.methods.clone().unwrap_or_else(|| {
-                    ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-                        .map(String::from)
-                        .to_vec()
-                }),
-                headers: c.headers.clone().unwrap_or_else(|| {
-                    [
-                        "Authorization",
-                        "Content-Type",
-                        "X-Api-Key",
-                        "Anthropic-Version",
-                        "OpenAI-Organization",
-                    ]
+            let methods = c.methods.clone().unwrap_or_else(|| {
+                ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
                     .map(String::from)
                     .to_vec()
-                }),
+            });
+            let headers = c.headers.clone().unwrap_or_else(|| {
+                [
+                    "Authorization",
+                    "Content-Type",
+                    "X-Api-Key",
+                    "Anthropic-Version",
+                    "OpenAI-Organization",
+                ]
+                .map(String::from)
+                .to_vec()
+            });
+            for (j, m) in methods.iter().enumerate() {
+                if http::Method::from_bytes(m.as_bytes()).is_err() {
+                    return Err(cx.err(
+                        format!("{key}.cors.methods[{j}]"),
+                        format!("{m:?} is not an HTTP method"),
+                    ));
+                }
+            }
+            for (j, h) in headers.iter().enumerate() {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(cx.err(
+                        format!("{key}.cors.headers[{j}]"),
+                        format!("{h:?} is not a header name"),
+                    ));
+                }
+            }
+            // Checked above item by item: method tokens and header names
+            // joined by ", " always make a valid header value.
+            let joined = |field: &str, v: &[String]| {
+                http::HeaderValue::from_str(&v.join(", "))
+                    .map_err(|_| cx.err(format!("{key}.cors.{field}"), "not a valid header value"))
+            };
+            let methods = joined("methods", &methods)?;
+            let headers = joined("headers", &headers)?;
+            Some(Cors {
+                origins: c.origins.clone(),
+                methods,
+                headers,
                 credentials: c.credentials,
                 max_age: c.max_age.unwrap_or(Duration::from_secs(86400)),
             })
@@ -707,16 +693,7 @@ fn location(
             format!("{:?} must start with '/'", l.path),
         ));
     }
-    let match_kind = match l.match_kind.as_deref() {
-        None | Some("prefix") => MatchKind::Prefix,
-        Some("exact") => MatchKind::Exact,
-        Some(other) => {
-            return Err(cx.err(
-                format!("{key}.match"),
-                format!("{other:?} is not a match kind (use \"exact\" or \"prefix\")"),
-            ))
-        }
-    };
+    let match_kind = l.match_kind.unwrap_or(MatchKind::Prefix);
     let target = match (&l.upstream, &l.respond) {
         (Some(_), Some(_)) => {
             return Err(cx.err(
@@ -738,25 +715,27 @@ fn location(
         ),
         (None, Some(r)) => {
             let status = r.status.unwrap_or(200);
-            if !(200..=599).contains(&status) {
-                return Err(cx.err(
-                    format!("{key}.respond.status"),
-                    format!("{status} is not a response status (200-599)"),
-                ));
-            }
-            let content_type = r
-                .content_type
-                .clone()
-                .unwrap_or_else(|| "text/plain; charset=utf-8".into());
-            if http::HeaderValue::from_str(&content_type).is_err() {
-                return Err(cx.err(
-                    format!("{key}.respond.content_type"),
-                    "not a valid header value",
-                ));
-            }
+            let status = http::StatusCode::from_u16(status)
+                .ok()
+                .filter(|_| (200..=599).contains(&status))
+                .ok_or_else(|| {
+                    cx.err(
+                        format!("{key}.respond.status"),
+                        format!("{status} is not a response status (200-599)"),
+                    )
+                })?;
+            let content_type = match &r.content_type {
+                None => http::HeaderValue::from_static("text/plain; charset=utf-8"),
+                Some(v) => http::HeaderValue::from_str(v).map_err(|_| {
+                    cx.err(
+                        format!("{key}.respond.content_type"),
+                        "not a valid header value",
+                    )
+                })?,
+            };
             Target::Respond {
                 status,
-                body: r.body.clone(),
+                body: bytes::Bytes::from(r.body.clone()),
                 content_type,
             }
         }

@@ -139,9 +139,8 @@ pub async fn handle(
         } => {
             let mut r = Response::new(ResponseBody::full(body.clone()));
             *r.status_mut() = *status;
-            if let Some(v) = content_type {
-                r.headers_mut().insert(header::CONTENT_TYPE, v.clone());
-            }
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, content_type.clone());
             ex.respond(r.status().as_u16(), StreamKind::Http);
             r
         }

@@ -31,7 +31,7 @@ pub enum Action {
     Respond {
         status: StatusCode,
         body: Bytes,
-        content_type: Option<HeaderValue>,
+        content_type: HeaderValue,
     },
     /// Proxy to the upstream's pool.
     Upstream(Arc<UpstreamClient>),
@@ -80,25 +80,15 @@ impl SiteRuntime {
                         body,
                         content_type,
                     } => Action::Respond {
-                        status: StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
-                        body: Bytes::from(body.clone()),
-                        content_type: HeaderValue::from_str(content_type).ok(),
+                        status: *status,
+                        body: body.clone(),
+                        content_type: content_type.clone(),
                     },
                 },
                 websocket: l.websocket,
             });
         }
-        // Validated at config load; anything unparsable was rejected there.
-        let headers = site
-            .headers
-            .iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    HeaderName::from_bytes(k.as_bytes()).ok()?,
-                    HeaderValue::from_str(v).ok()?,
-                ))
-            })
-            .collect();
+        let headers = site.headers.clone();
         let unmatched = Arc::new(crate::metrics::LocationMetrics::new(&site.name, "none"));
         let preflight = site
             .cors
@@ -146,19 +136,15 @@ pub struct ConnContext {
     pub life: Lifecycle,
 }
 
-/// The headers a preflight answer adds besides [`add_cors_headers`]; built
-/// once per site.
+/// The headers a preflight answer adds besides the allowed origin; built
+/// once per site from values checked at config load.
 fn preflight_headers(cors: &Cors) -> Vec<(HeaderName, HeaderValue)> {
-    let mut h = Vec::new();
-    if let Ok(v) = HeaderValue::from_str(&cors.methods.join(", ")) {
-        h.push((header::ACCESS_CONTROL_ALLOW_METHODS, v));
-    }
-    if let Ok(v) = HeaderValue::from_str(&cors.headers.join(", ")) {
-        h.push((header::ACCESS_CONTROL_ALLOW_HEADERS, v));
-    }
-    h.push((
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from(cors.max_age.as_secs()),
-    ));
-    h
+    vec![
+        (header::ACCESS_CONTROL_ALLOW_METHODS, cors.methods.clone()),
+        (header::ACCESS_CONTROL_ALLOW_HEADERS, cors.headers.clone()),
+        (
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from(cors.max_age.as_secs()),
+        ),
+    ]
 }
