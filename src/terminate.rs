@@ -158,6 +158,7 @@ pub async fn serve(
         Framing::new(
             Prefixed::new(first, tls),
             entry.limits.max_header_size,
+            entry.limits.max_headers,
             verdict,
             negotiated != Negotiated::H2,
             timeouts.request_header,

@@ -22,39 +22,43 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Shared between the guard and the handler: why a request head was refused
-/// (0 means none), and how many requests are being answered right now.
+/// Shared between the guard and the handler.
 #[derive(Debug, Default)]
-pub struct Verdict(AtomicU8, AtomicUsize);
+pub struct Verdict {
+    /// Why a request head was refused ([`Refusal`] as u8; 0 means none).
+    refusal: AtomicU8,
+    /// How many requests are being answered right now.
+    in_flight: AtomicUsize,
+}
 
 /// Marks one request as being answered until dropped (end of its response).
 pub struct InFlight(Arc<Verdict>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0 .1.fetch_sub(1, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Verdict {
     fn set(&self, reason: Refusal) {
-        self.0.store(reason as u8, Ordering::Release);
+        self.refusal.store(reason as u8, Ordering::Release);
     }
 
     /// A request is being answered: the guard's head deadline does not run
     /// while any is (an SSE response may last hours).
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.1.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
 
     fn busy(&self) -> bool {
-        self.1.load(Ordering::Acquire) > 0
+        self.in_flight.load(Ordering::Acquire) > 0
     }
 
     /// The refusal the handler must answer, if any.
     pub fn get(&self) -> Option<Refusal> {
-        match self.0.load(Ordering::Acquire) {
+        match self.refusal.load(Ordering::Acquire) {
             1 => Some(Refusal::LengthAndChunked),
             2 => Some(Refusal::RepeatedLength),
             3 => Some(Refusal::BadLength),
@@ -90,7 +94,7 @@ enum State {
     /// Collecting a request head (held back until complete).
     Head,
     /// Skipping a Content-Length body.
-    Fixed(u64),
+    Fixed { left: u64 },
     /// Reading a chunk-size line; `digits` seen so far, `ext` after ';'.
     ChunkSize {
         size: u64,
@@ -118,6 +122,8 @@ pin_project_lite::pin_project! {
         // Bytes to hand out before reading `inner` again.
         pending: Vec<u8>,
         max_head: usize,
+        // `limits.max_headers`, as hyper is given it.
+        max_headers: usize,
         verdict: Arc<Verdict>,
         // While a head is held back hyper sees no bytes, so its
         // header_read_timeout cannot run (and hyper-util's version
@@ -129,9 +135,12 @@ pin_project_lite::pin_project! {
 
 impl<S> Framing<S> {
     /// `follow = false` (h2) passes everything through untouched.
+    /// `max_head` and `max_headers` are the limits hyper applies
+    /// (`limits.max_header_size`, `limits.max_headers`).
     pub fn new(
         inner: S,
         max_head: usize,
+        max_headers: usize,
         verdict: Arc<Verdict>,
         follow: bool,
         head_timeout: Duration,
@@ -142,6 +151,7 @@ impl<S> Framing<S> {
             head: Vec::new(),
             pending: Vec::new(),
             max_head,
+            max_headers,
             verdict,
             head_timeout,
             deadline: None,
@@ -149,16 +159,40 @@ impl<S> Framing<S> {
     }
 }
 
-/// Outcome of checking one complete head.
-enum HeadCheck {
-    Body(State),
+/// The guard's verdict on one complete request head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadCheck {
+    /// Refused: the handler answers 400 and the connection closes.
     Refuse(Refusal),
+    /// Not followed further (upgrades, h2 preface, CONNECT, heads hyper
+    /// itself refuses): the rest of the stream passes untouched.
     Stop,
+    /// A request without a body; the next head follows.
+    NoBody,
+    /// A Content-Length body of this many bytes.
+    Length(u64),
+    /// A chunked body.
+    Chunked,
 }
 
-fn check_head(head: &[u8]) -> HeadCheck {
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut req = httparse::Request::new(&mut headers);
+/// Heads with up to this many headers are parsed into a stack array.
+const STACK_HEADERS: usize = 128;
+
+/// Check one complete head the way hyper will read it: `max_headers` is
+/// hyper's limit too, so a head with more headers is one hyper refuses
+/// (431) and the guard never stops following a head hyper accepts.
+pub fn check_head(head: &[u8], max_headers: usize) -> HeadCheck {
+    if max_headers <= STACK_HEADERS {
+        let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+        judge(head, &mut headers[..max_headers])
+    } else {
+        let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+        judge(head, &mut headers)
+    }
+}
+
+fn judge<'h>(head: &'h [u8], headers: &mut [httparse::Header<'h>]) -> HeadCheck {
+    let mut req = httparse::Request::new(headers);
     match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
         // Malformed heads (obs-fold, bad tokens) go to hyper unchanged: it
@@ -208,19 +242,14 @@ fn check_head(head: &[u8]) -> HeadCheck {
     if te {
         // A non-chunked final coding is hyper's 400; stop following.
         return if chunked {
-            HeadCheck::Body(State::ChunkSize {
-                size: 0,
-                digits: 0,
-                ext: false,
-                cr: false,
-            })
+            HeadCheck::Chunked
         } else {
             HeadCheck::Stop
         };
     }
     match length {
-        Some(n) if n > 0 => HeadCheck::Body(State::Fixed(n)),
-        _ => HeadCheck::Body(State::Head),
+        Some(n) if n > 0 => HeadCheck::Length(n),
+        _ => HeadCheck::NoBody,
     }
 }
 
@@ -231,13 +260,15 @@ fn advance(state: &mut State, data: &[u8]) -> usize {
     while i < data.len() {
         match *state {
             State::Head | State::Pass | State::Refused => return i,
-            State::Fixed(n) => {
-                let take = (n.min((data.len() - i) as u64)) as usize;
+            State::Fixed { left } => {
+                let take = (left.min((data.len() - i) as u64)) as usize;
                 i += take;
-                *state = if n == take as u64 {
+                *state = if left == take as u64 {
                     State::Head
                 } else {
-                    State::Fixed(n - take as u64)
+                    State::Fixed {
+                        left: left - take as u64,
+                    }
                 };
             }
             State::ChunkData { left, crlf } => {
@@ -408,20 +439,32 @@ impl<S: AsyncRead> AsyncRead for Framing<S> {
                     };
                     *this.deadline = None;
                     let rest = this.head.split_off(end);
-                    match check_head(this.head) {
-                        HeadCheck::Refuse(reason) => {
+                    let check = check_head(this.head, *this.max_headers);
+                    let next = match check {
+                        HeadCheck::Refuse(_) | HeadCheck::Stop => None,
+                        HeadCheck::NoBody => Some(State::Head),
+                        HeadCheck::Length(left) => Some(State::Fixed { left }),
+                        HeadCheck::Chunked => Some(State::ChunkSize {
+                            size: 0,
+                            digits: 0,
+                            ext: false,
+                            cr: false,
+                        }),
+                    };
+                    match (check, next) {
+                        (HeadCheck::Refuse(reason), _) => {
                             this.verdict.set(reason);
                             *this.pending = MARKER.to_vec();
                             this.head.clear();
                             *this.state = State::Refused;
                         }
-                        HeadCheck::Stop => {
+                        (_, None) => {
                             let mut out = std::mem::take(this.head);
                             out.extend_from_slice(&rest);
                             *this.pending = out;
                             *this.state = State::Pass;
                         }
-                        HeadCheck::Body(next) => {
+                        (_, Some(next)) => {
                             let mut out = std::mem::take(this.head);
                             *this.state = next;
                             let used = advance(this.state, &rest);
@@ -468,12 +511,53 @@ impl<S: AsyncWrite> AsyncWrite for Framing<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A smuggling attempt behind `n` filler headers.
+    fn head_with(n: usize) -> Vec<u8> {
+        let mut h = b"POST / HTTP/1.1\r\nHost: a\r\n".to_vec();
+        for i in 0..n {
+            h.extend_from_slice(format!("X-Filler-{i}: x\r\n").as_bytes());
+        }
+        h.extend_from_slice(b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
+        h
+    }
+
+    #[test]
+    fn guard_follows_max_headers_not_a_fixed_array() {
+        // More headers than the stack array: still judged when hyper would
+        // accept them (max_headers = 300).
+        assert_eq!(
+            check_head(&head_with(200), 300),
+            HeadCheck::Refuse(Refusal::LengthAndChunked)
+        );
+        // More than max_headers: hyper answers 431 itself; not followed.
+        assert_eq!(check_head(&head_with(200), 100), HeadCheck::Stop);
+        assert_eq!(
+            check_head(&head_with(10), 100),
+            HeadCheck::Refuse(Refusal::LengthAndChunked)
+        );
+        assert_eq!(
+            check_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 100),
+            HeadCheck::NoBody
+        );
+        assert_eq!(
+            check_head(b"POST / HTTP/1.1\r\nContent-Length: 7\r\n\r\n", 100),
+            HeadCheck::Length(7)
+        );
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn run(input: &[u8], split: usize) -> (Vec<u8>, Option<Refusal>) {
         let (mut a, b) = tokio::io::duplex(1 << 16);
         let verdict = Arc::new(Verdict::default());
-        let mut f = Framing::new(b, 64 * 1024, verdict.clone(), true, Duration::from_secs(30));
+        let mut f = Framing::new(
+            b,
+            64 * 1024,
+            100,
+            verdict.clone(),
+            true,
+            Duration::from_secs(30),
+        );
         let (x, y) = input.split_at(split.min(input.len()));
         a.write_all(x).await.unwrap();
         a.write_all(y).await.unwrap();
