@@ -42,8 +42,15 @@ pub struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
-    /// `host:port` of the admin listener, or `"off"`.
+    /// `host:port` of the admin listener, or `"off"` (the older name of `listen`).
     pub metrics: Option<String>,
+    /// `host:port` of the admin listener, or `"off"`.
+    pub listen: Option<String>,
+    /// Bearer token for the status page and API (and `/metrics` with `protect_metrics`).
+    pub token: Option<String>,
+    /// Require the token for `/metrics` too (default false: scrapers keep working).
+    #[serde(default)]
+    pub protect_metrics: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
