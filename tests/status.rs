@@ -926,3 +926,271 @@ async fn admin_listen_is_the_new_name_of_admin_metrics() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------- browser
+
+/// Headless Chromium driven over the DevTools protocol (a WebSocket that
+/// takes JSON commands), killed on drop.
+struct Browser {
+    child: std::process::Child,
+    _profile: common::TempDir,
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let profile = common::TempDir::new();
+        let child = std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-quic",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+                "--hide-scrollbars",
+                "--remote-debugging-port=0",
+                "--window-size=1100,900",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run chromium (scripts/test-all installs Debian's chromium package)");
+        // Chromium writes its port (and browser target path) here once it listens.
+        let port_file = profile.path().join("DevToolsActivePort");
+        let t0 = Instant::now();
+        let port: u16 = loop {
+            if let Some(p) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+            {
+                break p;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "chromium did not open its DevTools port within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let devtools: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        // The page target chromium opened for about:blank.
+        let page_ws = loop {
+            let body = devtools_list(devtools).await;
+            let list: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            let found = list.as_array().and_then(|a| {
+                a.iter()
+                    .find(|t| t["type"] == "page")
+                    .and_then(|t| t["id"].as_str())
+                    // By address: "localhost" in its own URL may resolve to ::1.
+                    .map(|id| format!("ws://{devtools}/devtools/page/{id}"))
+            });
+            if let Some(u) = found {
+                break u;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no page target: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (ws, _) = tokio_tungstenite::connect_async(page_ws.as_str())
+            .await
+            .expect("DevTools WebSocket");
+        Browser {
+            child,
+            _profile: profile,
+            ws,
+            next_id: 0,
+        }
+    }
+
+    /// One DevTools command; its `result` (events in between are skipped).
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        use tokio_tungstenite::tungstenite::Message;
+        self.next_id += 1;
+        let id = self.next_id;
+        let msg = serde_json::json!({"id": id, "method": method, "params": params});
+        self.ws
+            .send(Message::text(msg.to_string()))
+            .await
+            .expect("send DevTools command");
+        let t0 = Instant::now();
+        loop {
+            let left = Duration::from_secs(15).saturating_sub(t0.elapsed());
+            let m = tokio::time::timeout(left, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("{method}: no answer within 15 s"))
+                .expect("DevTools closed")
+                .expect("DevTools message");
+            let Ok(text) = m.into_text() else { continue };
+            let v: Value = serde_json::from_str(text.as_str()).expect("DevTools JSON");
+            if v["id"] == id {
+                assert!(v["error"].is_null(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluate `expr` in the page; its value.
+    async fn eval(&mut self, expr: &str) -> Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                serde_json::json!({"expression": expr, "returnByValue": true}),
+            )
+            .await;
+        r["result"]["value"].clone()
+    }
+
+    /// Poll `expr` until it yields `want`; how long that took (panics after `within`).
+    async fn wait_for(&mut self, expr: &str, want: &Value, within: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            let got = self.eval(expr).await;
+            if &got == want {
+                return t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < within,
+                "{expr} is {got}, not {want}, after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn screenshot(&mut self, width: u32, height: u32, mobile: bool, path: &std::path::Path) {
+        use base64::Engine as _;
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            serde_json::json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}),
+        )
+        .await;
+        // Let layout settle on the new size (one frame is enough; 2 events at most).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let shot = self
+            .call(
+                "Page.captureScreenshot",
+                serde_json::json!({"format": "png", "captureBeyondViewport": true}),
+            )
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().expect("screenshot data"))
+            .expect("base64");
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        std::fs::write(path, png).expect("write screenshot");
+    }
+}
+
+/// `GET /json/list` of the DevTools HTTP server, which keeps the
+/// connection open: read the head, then Content-Length bytes.
+async fn devtools_list(addr: SocketAddr) -> String {
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    if s.write_all(b"GET /json/list HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    String::new()
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_in_a_real_browser_updates_live() {
+    bounded(120, async {
+        let (p, _o, listen, _dir) = start(&[("PORTICO_ADMIN__TOKEN", TOKEN)]).await;
+        // Something to show: two failures and an open WebSocket.
+        for path in ["/down", "/busy"] {
+            let mut s = open_raw(listen, path).await;
+            read_head(&mut s).await;
+        }
+        let ws = open_ws(listen).await;
+
+        let mut b = Browser::start().await;
+        b.call("Page.enable", serde_json::json!({})).await;
+        // The token once in the query: portico sets the cookie and redirects
+        // to `/`, whose event stream then carries the cookie.
+        b.call(
+            "Page.navigate",
+            serde_json::json!({"url": format!("http://{}/?token={TOKEN}", p.metrics)}),
+        )
+        .await;
+        let within = Duration::from_secs(10);
+        b.wait_for("location.pathname + location.search", &Value::from("/"), within).await;
+        b.wait_for("document.getElementById('live').textContent", &Value::from("live"), within)
+            .await;
+        // A mark that a reload would wipe.
+        b.eval("window.__portico_test_mark = 42").await;
+
+        // The route table.
+        let routes = b.eval("document.getElementById('routes').innerText").await;
+        let routes = routes.as_str().unwrap_or_default().to_string();
+        assert!(routes.contains("terminate api (4 locations)"), "{routes}");
+        assert!(routes.contains("tunnel.test") && routes.contains("pass vpn -> 127.0.0.1:"), "{routes}");
+        // The certificate's days, highlighted (under 14).
+        let days = b
+            .eval("(e => e.textContent + '|' + e.className)(document.querySelector('[data-days=\"api\"]'))")
+            .await;
+        assert_eq!(days, Value::from(format!("{DAYS_LEFT} days left|badge warn")));
+        let errors = b.eval("document.getElementById('errors').innerText").await;
+        let errors = errors.as_str().unwrap_or_default().to_string();
+        assert!(errors.contains("503") && errors.contains("502") && errors.contains("upstream down refused"), "{errors}");
+
+        // The live count: 0, then 1 while a stream is open through portico, then 0.
+        let cell = "document.querySelector('[data-active=\"api|events|sse\"]').textContent";
+        b.wait_for(cell, &Value::from("0"), Duration::from_secs(2)).await;
+        let sse = open_sse(listen).await;
+        let up = b.wait_for(cell, &Value::from("1"), Duration::from_secs(2)).await;
+        let ws_cell = "document.querySelector('[data-active=\"api|ws|websocket\"]').textContent";
+        b.wait_for(ws_cell, &Value::from("1"), Duration::from_secs(2)).await;
+
+        let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        let _ = std::fs::create_dir_all(&target);
+        b.screenshot(1100, 900, false, &target.join("status-page.png")).await;
+        b.screenshot(390, 844, true, &target.join("status-page-phone.png")).await;
+
+        drop(sse);
+        let down = b.wait_for(cell, &Value::from("0"), Duration::from_secs(2)).await;
+        assert_eq!(b.eval("window.__portico_test_mark").await, Value::from(42), "the page reloaded");
+        println!("browser saw the stream open after {up:?} and closed after {down:?}");
+        drop(ws);
+    })
+    .await;
+}
