@@ -253,15 +253,67 @@ pub fn unauthorized() -> Response<Body> {
     r
 }
 
-/// Warn at start when the admin listener is reachable from other hosts
-/// without a token. The token itself is never logged.
-pub fn warn_if_exposed(addr: SocketAddr, admin: &Admin) {
+/// What to say at start about who can reach the admin listener: a warning
+/// when it listens beyond loopback without a token, a note when the token
+/// leaves `/metrics` open there. The token itself is never part of it.
+pub fn exposure(addr: SocketAddr, admin: &Admin) -> Option<(tracing::Level, &'static str)> {
     if addr.ip().is_loopback() {
-        return;
-    }
-    if admin.token.is_none() {
-        tracing::warn!(%addr, "the admin listener is on a non-loopback address without admin.token: anyone who can reach it sees the status page and /metrics; set admin.token or bind it to 127.0.0.1 and use SSH port forwarding");
+        None
+    } else if admin.token.is_none() {
+        Some((tracing::Level::WARN, "the admin listener is on a non-loopback address without admin.token: anyone who can reach it sees the status page and /metrics; set admin.token, or bind it to 127.0.0.1 and use SSH port forwarding"))
     } else if !admin.protect_metrics {
-        tracing::info!(%addr, "admin.token protects the status page; /metrics stays open (admin.protect_metrics = true to protect it too)");
+        Some((tracing::Level::INFO, "admin.token protects the status page; /metrics stays open (set admin.protect_metrics = true to protect it too)"))
+    } else {
+        None
+    }
+}
+
+/// Log [`exposure`]'s message, if any.
+pub fn warn_if_exposed(addr: SocketAddr, admin: &Admin) {
+    match exposure(addr, admin) {
+        Some((tracing::Level::WARN, msg)) => tracing::warn!(%addr, "{msg}"),
+        Some((_, msg)) => tracing::info!(%addr, "{msg}"),
+        None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn exposure_warns_beyond_loopback_without_a_token() {
+        let open = Admin {
+            metrics: None,
+            token: None,
+            protect_metrics: false,
+        };
+        let with_token = Admin {
+            token: Some(Secret::new("t0ken".into())),
+            ..open.clone()
+        };
+        let protected = Admin {
+            protect_metrics: true,
+            ..with_token.clone()
+        };
+        let lo: SocketAddr = "127.0.0.1:9100".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:9100".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:9100".parse().unwrap();
+        let lan: SocketAddr = "192.168.1.5:9100".parse().unwrap();
+        assert_eq!(exposure(lo, &open), None);
+        assert_eq!(exposure(lo6, &open), None);
+        for a in [any, lan] {
+            let (level, msg) = exposure(a, &open).unwrap();
+            assert_eq!(level, tracing::Level::WARN);
+            assert!(msg.contains("without admin.token"));
+            assert_eq!(
+                exposure(a, &with_token).map(|e| e.0),
+                Some(tracing::Level::INFO)
+            );
+            assert_eq!(exposure(a, &protected), None);
+        }
+        // The token never shows in Debug output (and so in no `?` log field).
+        assert!(!format!("{with_token:?}").contains("t0ken"));
     }
 }
