@@ -17,7 +17,7 @@ pub const CAPACITY: usize = 100;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecentError {
     pub at: SystemTime,
-    /// `upstream`, `internal` or `backend`.
+    /// `upstream`, `internal`, `stream` or `backend`.
     pub kind: &'static str,
     pub site: Option<Arc<str>>,
     pub location: Option<Arc<str>>,
@@ -54,15 +54,16 @@ pub fn total() -> u64 {
 
 /// Whether an HTTP exchange that ended with `status` (and an error message
 /// when portico noticed one) is kept, and as which kind. Server-side
-/// failures only: 5xx answers, and upstream bodies cut mid-stream (sent
-/// with a 2xx head). Client errors (4xx, and 499 for a client that left)
+/// failures only: 5xx answers (`upstream`, or `internal` for portico's own
+/// 500), and streams that broke after a 1xx/2xx/3xx head (`stream`: an
+/// upstream body cut mid-way, a WebSocket that ended abnormally). Client errors (4xx, and 499 for a client that left)
 /// are counted in the metrics but not kept, so a scanner probing paths
 /// cannot push the failures that matter out of the ring.
 pub fn http_kind(status: u16, has_error: bool) -> Option<&'static str> {
     match status {
         500 if has_error => Some("internal"),
         s if s >= 500 => Some("upstream"),
-        s if s < 400 && has_error => Some("upstream"),
+        s if s < 400 && has_error => Some("stream"),
         _ => None,
     }
 }
@@ -98,7 +99,8 @@ mod tests {
         assert_eq!(http_kind(503, false), Some("upstream"));
         assert_eq!(http_kind(500, true), Some("internal"));
         assert_eq!(http_kind(500, false), Some("upstream"));
-        assert_eq!(http_kind(200, true), Some("upstream"));
+        assert_eq!(http_kind(200, true), Some("stream"));
+        assert_eq!(http_kind(101, true), Some("stream"));
         assert_eq!(http_kind(200, false), None);
         assert_eq!(http_kind(499, true), None);
         assert_eq!(http_kind(404, true), None);
