@@ -3,8 +3,9 @@
 //! Data flows one way through the modules: `listener` accepts, `proxy_protocol`
 //! reads an inbound PROXY header, `hello` peeks the first bytes, `route`
 //! decides, then `tunnel` passes bytes through or `terminate` + `http`
-//! terminate TLS and proxy HTTP. `server` owns the process; `metrics` and
-//! `config` are used by all.
+//! terminate TLS and proxy HTTP. `server` owns the process; `metrics`,
+//! `recent_errors` and `config` are used by all; `admin` and `status` serve
+//! the admin listener.
 #![forbid(unsafe_code)]
 
 pub mod admin;

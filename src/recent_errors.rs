@@ -29,8 +29,20 @@ static RING: Mutex<VecDeque<RecentError>> = Mutex::new(VecDeque::new());
 /// Failures recorded since start; lets a watcher tell whether anything is new.
 static TOTAL: AtomicU64 = AtomicU64::new(0);
 
+/// Longest message kept, in bytes: request paths come from clients (up to
+/// `limits.max_uri_length`), and the ring should stay small.
+pub const MAX_MESSAGE: usize = 512;
+
 /// Remember a failure, dropping the oldest beyond [`CAPACITY`].
-pub fn record(e: RecentError) {
+pub fn record(mut e: RecentError) {
+    if e.error.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !e.error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        e.error.truncate(cut);
+        e.error.push_str("...");
+    }
     // A poisoned lock only means another thread panicked mid-push; the
     // ring itself is still a valid VecDeque.
     let mut ring = RING.lock().unwrap_or_else(|p| p.into_inner());
@@ -90,6 +102,21 @@ mod tests {
         assert_eq!(all[0].error, format!("e{}", CAPACITY + 19));
         assert_eq!(all[CAPACITY - 1].error, "e20");
         assert!(total() >= before + CAPACITY as u64 + 20);
+        // (One test: the ring is process-wide, parallel tests would race.)
+        record(RecentError {
+            at: SystemTime::now(),
+            kind: "upstream",
+            site: None,
+            location: None,
+            status: Some(502),
+            error: format!("GET /{}", "\u{e9}".repeat(2000)),
+        });
+        let e = &snapshot()[0];
+        assert!(
+            e.error.len() <= MAX_MESSAGE + 3 && e.error.ends_with("..."),
+            "{}",
+            e.error.len()
+        );
     }
 
     #[test]
