@@ -913,6 +913,17 @@ async fn admin_listen_is_the_new_name_of_admin_metrics() {
             "{}",
             out.stderr
         );
+        // A token that looks like a number is still a token, and a wrong
+        // type never echoes the value.
+        let out = check("token = 90817263").await;
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        let out = check("token = 1.5e300").await;
+        assert_eq!(out.code, Some(1));
+        assert!(
+            out.stderr.contains("admin.token") && !out.stderr.contains("1.5"),
+            "{}",
+            out.stderr
+        );
         let out = check("protect_metrics = true").await;
         assert!(
             out.stderr
