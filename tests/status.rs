@@ -943,7 +943,7 @@ async fn admin_listen_is_the_new_name_of_admin_metrics() {
 /// Headless Chromium driven over the DevTools protocol (a WebSocket that
 /// takes JSON commands), killed on drop.
 struct Browser {
-    child: std::process::Child,
+    _process: Chromium,
     _profile: common::TempDir,
     ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
     next_id: u64,
@@ -951,9 +951,16 @@ struct Browser {
 
 impl Browser {
     async fn start() -> Browser {
+        use std::os::unix::process::CommandExt as _;
         let profile = common::TempDir::new();
         let child = std::process::Command::new("chromium")
+            // Its own process group: Debian's `chromium` is a wrapper
+            // script, so the browser and its helpers are grandchildren;
+            // [`Chromium`] kills the whole group.
+            .process_group(0)
             .args([
+                "--disable-breakpad",
+                "--disable-crash-reporter",
                 "--headless",
                 "--no-sandbox",
                 "--disable-gpu",
@@ -976,6 +983,7 @@ impl Browser {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("run chromium (scripts/test-all installs Debian's chromium package)");
+        let process = Chromium(child);
         // Chromium writes its port (and browser target path) here once it listens.
         let port_file = profile.path().join("DevToolsActivePort");
         let t0 = Instant::now();
@@ -1017,7 +1025,7 @@ impl Browser {
             .await
             .expect("DevTools WebSocket");
         Browser {
-            child,
+            _process: process,
             _profile: profile,
             ws,
             next_id: 0,
@@ -1136,10 +1144,16 @@ async fn devtools_list(addr: SocketAddr) -> String {
     String::new()
 }
 
-impl Drop for Browser {
+/// The browser's process group, killed on drop (also when a test fails
+/// before the browser is ready).
+struct Chromium(std::process::Child);
+
+impl Drop for Chromium {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let group = rustix::process::Pid::from_child(&self.0);
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
