@@ -1,5 +1,7 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
-//! It is a separate socket so metrics never show on the public ports.
+//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`,
+//! and the status page and API (`/`, `/status.json`, `/status/events`, see
+//! [`crate::status`]). It is a separate socket so metrics never show on the
+//! public ports.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -8,7 +10,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -33,14 +34,8 @@ fn text(
     status: StatusCode,
     content_type: &'static str,
     body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(content_type),
-    );
-    r
+) -> Response<crate::status::Body> {
+    crate::status::whole(status, content_type, body)
 }
 
 /// Serve the admin endpoints on `listener` until `stop` is cancelled.
@@ -48,6 +43,7 @@ pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     ready: Arc<Readiness>,
+    status: Arc<crate::status::Status>,
     stop: CancellationToken,
 ) {
     loop {
@@ -63,12 +59,22 @@ pub async fn serve(
         };
         let handle = handle.clone();
         let ready = ready.clone();
+        let status = status.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let handle = handle.clone();
                 let ready = ready.clone();
+                let status = status.clone();
+                let stop = stop.clone();
                 async move {
+                    if let Some(r) = status.respond(req.method(), req.uri(), req.headers(), &stop) {
+                        return Ok::<_, Infallible>(r);
+                    }
                     let resp = match req.uri().path() {
+                        "/metrics" if !status.metrics_allowed(req.headers()) => {
+                            crate::status::unauthorized()
+                        }
                         "/metrics" => {
                             handle.run_upkeep();
                             text(
@@ -85,7 +91,7 @@ pub async fn serve(
                         _ => text(
                             StatusCode::NOT_FOUND,
                             "text/plain",
-                            "not found: try /metrics, /healthz or /readyz\n",
+                            "not found: try /, /status.json, /status/events, /metrics, /healthz or /readyz\n",
                         ),
                     };
                     Ok::<_, Infallible>(resp)

@@ -18,7 +18,8 @@
 //! Below them all: `config` (the checked model), `lifecycle` (shutdown, hard
 //! stop, task tracker), `dial` (the one way to connect, TCP or Unix), `io`
 //! (peek replay, meters, the idle-aware pump), `splice`, `tls`, `metrics`.
-//! `admin` serves /metrics beside the flow. `.ci/run` checks that no import
+//! `admin` serves /metrics, and `status` the status page and API, beside the
+//! flow; `recent_errors` keeps the last failures for them. `.ci/run` checks that no import
 //! cycle comes back.
 #![forbid(unsafe_code)]
 
@@ -35,9 +36,11 @@ pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod proxy_protocol;
+pub mod recent_errors;
 pub mod route;
 pub mod server;
 pub mod splice;
+pub mod status;
 pub mod terminate;
 pub mod tls;
 pub mod tunnel;

@@ -30,6 +30,8 @@ pub struct Server {
     shared: Arc<Shared>,
     listeners: BTreeMap<SocketAddr, Bound>,
     ready: Arc<Readiness>,
+    /// The status page's view of the config (with the admin listener only).
+    status: Option<Arc<crate::status::Status>>,
 }
 
 impl Server {
@@ -46,6 +48,7 @@ impl Server {
             shared,
             listeners: BTreeMap::new(),
             ready: ready.clone(),
+            status: None,
         };
         for l in &cfg.listeners {
             server.open(l.addr)?;
@@ -66,12 +69,16 @@ impl Server {
         }
         if let (Some(addr), Some(handle)) = (cfg.admin.metrics, metrics) {
             let sock =
-                admin::bind(addr).with_context(|| format!("cannot bind admin.metrics {addr}"))?;
-            info!(%addr, "metrics on http://{addr}/metrics");
+                admin::bind(addr).with_context(|| format!("cannot bind admin.listen {addr}"))?;
+            info!(%addr, "metrics on http://{addr}/metrics, status page on http://{addr}/");
+            crate::status::warn_if_exposed(addr, &cfg.admin);
+            let status = crate::status::Status::new(handle.clone(), cfg.clone());
+            server.status = Some(status.clone());
             tokio::spawn(admin::serve(
                 sock,
                 handle,
                 ready.clone(),
+                status,
                 server.shared.life.shutdown.clone(),
             ));
         }
@@ -117,6 +124,12 @@ impl Server {
                 metrics::counter!(m::CONFIG_RELOADS, "result" => "error").increment(1);
                 error!("reload failed, keeping the running config: {e}");
             }
+        }
+        if let Some(status) = &self.status {
+            status.reloaded(match &result {
+                Ok(()) => Ok(self.current().config.clone()),
+                Err(e) => Err(e.as_str()),
+            });
         }
         let _ = sd_notify::notify(&[NotifyState::Ready]);
         result

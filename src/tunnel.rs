@@ -158,6 +158,14 @@ pub async fn serve<C>(
             metrics::counter!(m::BACKEND_CONNECT_FAILURES, "backend" => job.backend.name.clone())
                 .increment(1);
             tracing::warn!(client = %job.client, route = %job.route, backend = %name, error = %e, "backend unreachable; closing client");
+            crate::recent_errors::record(crate::recent_errors::RecentError {
+                at: std::time::SystemTime::now(),
+                kind: "backend",
+                site: None,
+                location: None,
+                status: None,
+                error: format!("backend {name} unreachable: {e}"),
+            });
             return;
         }
     };

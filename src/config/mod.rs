@@ -179,7 +179,42 @@ impl Config {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
+    /// The admin listener's address (`admin.listen`, or its older name `admin.metrics`).
     pub metrics: Option<SocketAddr>,
+    /// `admin.token`: required for `/`, `/status*` (and `/metrics` with `protect_metrics`).
+    pub token: Option<Secret>,
+    pub protect_metrics: bool,
+}
+
+/// A secret string: compared in constant time and never printed (its
+/// `Debug` shows `"<redacted>"`), so it cannot reach a log line by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+
+    /// True when `given` equals the secret. Hand-written rather than a
+    /// crate for one loop: it looks at every byte whatever the first
+    /// difference, so the time taken does not tell how much of a guess was right.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let want = self.0.as_bytes();
+        if want.len() != given.len() {
+            return false;
+        }
+        want.iter()
+            .zip(given)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -45,8 +45,52 @@ pub struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
-    /// `host:port` of the admin listener, or `"off"`.
+    /// `host:port` of the admin listener, or `"off"` (the older name of `listen`).
     pub metrics: Option<String>,
+    /// `host:port` of the admin listener, or `"off"`.
+    pub listen: Option<String>,
+    /// Bearer token for the status page and API (and `/metrics` with `protect_metrics`).
+    #[serde(default, deserialize_with = "token")]
+    pub token: Option<String>,
+    /// Require the token for `/metrics` too (default false: scrapers keep working).
+    #[serde(default)]
+    pub protect_metrics: bool,
+}
+
+/// A token as text, also when it looks like a number (`PORTICO_ADMIN__TOKEN=123456`
+/// reads as one). Other types are refused without echoing the value, which
+/// serde's own type errors would do: it is a secret.
+fn token<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Token;
+    const EXPECTED: &str = "must be a string (its value is not shown)";
+    impl<'de> serde::de::Visitor<'de> for Token {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a token string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Err(E::custom(EXPECTED))
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Err(E::custom(EXPECTED))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(Token)
+        }
+    }
+    d.deserialize_option(Token)
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -29,18 +29,7 @@ impl Ctx<'_> {
 pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
     let cx = Ctx { source };
 
-    let admin = Admin {
-        metrics: match raw.admin.metrics.as_deref() {
-            None => None,
-            Some("off") | Some("") => None,
-            Some(s) => Some(s.parse::<SocketAddr>().map_err(|_| {
-                cx.err(
-                    "admin.metrics",
-                    format!("{s:?} is not an ip:port address (or \"off\")"),
-                )
-            })?),
-        },
-    };
+    let admin = admin(&cx, &raw.admin)?;
 
     let d = Timeouts::default();
     let t = &raw.timeouts;
@@ -756,5 +745,59 @@ fn location(
         match_kind,
         target,
         websocket: l.websocket.unwrap_or(true),
+    })
+}
+
+/// `[admin]`: `listen` is the clearer name of `metrics`; both may be given
+/// only when they agree.
+fn admin(cx: &Ctx<'_>, raw: &super::raw::RawAdmin) -> Result<Admin, ConfigError> {
+    let parse = |key: &str, v: Option<&str>| -> Result<Option<SocketAddr>, ConfigError> {
+        match v {
+            None | Some("off") | Some("") => Ok(None),
+            Some(s) => s
+                .parse::<SocketAddr>()
+                .map(Some)
+                .map_err(|_| cx.err(key, format!("{s:?} is not an ip:port address (or \"off\")"))),
+        }
+    };
+    let listen = parse("admin.listen", raw.listen.as_deref())?;
+    let metrics = parse("admin.metrics", raw.metrics.as_deref())?;
+    let addr = match (&raw.listen, &raw.metrics) {
+        (Some(l), Some(m)) if listen != metrics => {
+            return Err(cx.err(
+                "admin.listen",
+                format!("{l:?} disagrees with admin.metrics = {m:?}; admin.metrics is the older name of admin.listen, set only one"),
+            ))
+        }
+        (Some(_), _) => listen,
+        (None, _) => metrics,
+    };
+    let token = match raw.token.as_deref() {
+        None => None,
+        Some(t) if t.trim().is_empty() => {
+            return Err(cx.err(
+                "admin.token",
+                "empty token; remove the key to run without one",
+            ))
+        }
+        Some(t) if t.bytes().any(|b| !(0x21..=0x7e).contains(&b)) => {
+            // The value is not echoed: it is meant to be a secret.
+            return Err(cx.err(
+                "admin.token",
+                "the token must be printable ASCII without spaces (it travels in an HTTP header)",
+            ));
+        }
+        Some(t) => Some(Secret::new(t.to_string())),
+    };
+    if raw.protect_metrics && token.is_none() {
+        return Err(cx.err(
+            "admin.protect_metrics",
+            "needs admin.token (the token that /metrics would require)",
+        ));
+    }
+    Ok(Admin {
+        metrics: addr,
+        token,
+        protect_metrics: raw.protect_metrics,
     })
 }

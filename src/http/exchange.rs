@@ -122,6 +122,29 @@ impl Exchange {
         .increment(1);
     }
 
+    /// Keep this exchange in the status page's recent errors, if it is a
+    /// server-side failure (see [`crate::recent_errors::http_kind`]).
+    #[cold]
+    fn note_failure(&self) {
+        let Some(kind) = crate::recent_errors::http_kind(self.status, self.error.is_some()) else {
+            return;
+        };
+        crate::recent_errors::record(crate::recent_errors::RecentError {
+            at: std::time::SystemTime::now(),
+            kind,
+            site: Some(self.metrics.site.clone()),
+            location: Some(self.metrics.location.clone()),
+            status: Some(self.status),
+            error: match &self.error {
+                Some(e) => format!("{} {}: {e}", self.method, self.path),
+                None => format!(
+                    "{} {}: upstream answered {}",
+                    self.method, self.path, self.status
+                ),
+            },
+        });
+    }
+
     pub(super) fn mark_first_byte(&mut self) {
         if self.first_byte.is_none() {
             let now = Instant::now();
@@ -160,6 +183,10 @@ impl Drop for Exchange {
         }
         if self._active.is_some() {
             self.metrics.duration[self.kind.index()].record(elapsed.as_secs_f64());
+        }
+        // Failures only (a branch on two fields for the others).
+        if self.status >= 500 || self.error.is_some() {
+            self.note_failure();
         }
         let first_byte_ms = self
             .first_byte
