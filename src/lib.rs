@@ -11,6 +11,7 @@ pub mod admin;
 pub mod config;
 pub mod hello;
 pub mod http;
+pub mod import;
 pub mod io;
 pub mod listener;
 pub mod metrics;

@@ -35,6 +35,18 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Write a portico config from an Xray JSON config and/or an nginx config.
+    Import {
+        /// Xray config (JSON, comments allowed).
+        #[arg(long, value_name = "FILE")]
+        xray: Option<PathBuf>,
+        /// nginx config (its includes are read too).
+        #[arg(long, value_name = "FILE")]
+        nginx: Option<PathBuf>,
+        /// Write the config here instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +61,11 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check { config }) => check(&config),
         Some(Command::Run { config }) => run(load(Some(&config))),
+        Some(Command::Import {
+            xray,
+            nginx,
+            output,
+        }) => import(xray.as_deref(), nginx.as_deref(), output.as_deref()),
         None => {
             let from_env = std::env::var_os("PORTICO_CONFIG").map(PathBuf::from);
             run(load(from_env.as_deref()))
@@ -74,6 +91,38 @@ fn check(path: &Path) -> ExitCode {
     };
     print!("{}", portico::config::describe(&generation.config));
     ExitCode::SUCCESS
+}
+
+/// `portico import`: the config to stdout or `-o`, one report line per
+/// unconverted thing on stderr; exit 1 only when an input cannot be read.
+fn import(xray: Option<&Path>, nginx: Option<&Path>, output: Option<&Path>) -> ExitCode {
+    let imported = match portico::import::import(xray, nginx) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("portico: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for note in &imported.notes {
+        eprintln!("{note}");
+    }
+    let written = match output {
+        Some(p) => std::fs::write(p, &imported.config)
+            .map_err(|e| format!("cannot write {}: {e}", p.display())),
+        None => {
+            use std::io::Write as _;
+            std::io::stdout()
+                .write_all(imported.config.as_bytes())
+                .map_err(|e| format!("cannot write the config: {e}"))
+        }
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portico: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(cfg: &Config) {

@@ -1,0 +1,1123 @@
+//! `portico import`: an Xray JSON config and/or an nginx config in, a
+//! commented portico config out, plus one [`Note`] per thing that was not
+//! converted (or that portico does by default).
+//!
+//! The inputs are read by [`xray`] and [`nginx`]; [`emit`] holds the output
+//! model and writes the TOML. This module joins the two inputs: an Xray
+//! fallback (or an nginx `stream` SNI map entry) whose destination is an
+//! nginx `listen` makes that server block a site portico terminates itself;
+//! every other name stays with the tunnel server, passed through raw.
+//!
+//! It depends on nothing of the proxy runtime: only on [`crate::config`]'s
+//! name checks, so what it writes is what `portico check` accepts.
+
+pub mod emit;
+mod nginx;
+mod sites;
+mod xray;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use emit::{Action, Plan, Route};
+
+/// A file as messages (`shown`, as the user named it) and output comments
+/// (`short`, relative to the main input's directory) call it.
+#[derive(Debug)]
+pub struct Origin {
+    pub shown: String,
+    pub short: String,
+}
+
+/// A place in an input file.
+#[derive(Debug, Clone)]
+pub struct At {
+    pub origin: Arc<Origin>,
+    pub line: usize,
+}
+
+impl At {
+    /// `nginx.conf:42`, for comments in the output.
+    pub fn short(&self) -> String {
+        format!("{}:{}", self.origin.short, self.line)
+    }
+}
+
+/// One line of the import's report: `FILE:LINE: what: why`.
+#[derive(Debug, Clone)]
+pub struct Note {
+    pub at: At,
+    pub what: String,
+    pub why: String,
+}
+
+/// Long directives are cut in messages; the line number finds the rest.
+const WHAT_MAX: usize = 70;
+
+impl Note {
+    /// Something portico's config does not express; the reason says what to do.
+    pub fn unconverted(at: At, what: impl Into<String>, why: impl Into<String>) -> Note {
+        Note {
+            at,
+            what: clip(what.into()),
+            why: why.into(),
+        }
+    }
+
+    /// Something nginx or Xray needed that portico does without being told.
+    pub fn handled(at: At, what: impl Into<String>, why: &str) -> Note {
+        Note {
+            at,
+            what: clip(what.into()),
+            why: format!("handled by default: {why}"),
+        }
+    }
+
+    pub fn is_handled(&self) -> bool {
+        self.why.starts_with("handled by default")
+    }
+}
+
+fn clip(mut s: String) -> String {
+    if s.chars().count() > WHAT_MAX {
+        s = s.chars().take(WHAT_MAX - 3).collect();
+        s.push_str("...");
+    }
+    s
+}
+
+impl fmt::Display for Note {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}: {}: {}",
+            self.at.origin.shown, self.at.line, self.what, self.why
+        )
+    }
+}
+
+/// Why an input could not be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("nothing to import: give --xray FILE, --nginx FILE or both")]
+    NoInput,
+    #[error("{file}: cannot read it: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: {reason}")]
+    Parse {
+        file: String,
+        line: usize,
+        reason: String,
+    },
+}
+
+/// The result: the config text and the report lines.
+#[derive(Debug)]
+pub struct Imported {
+    pub config: String,
+    pub notes: Vec<Note>,
+}
+
+/// Where portico asks the tunnel server to listen from now on: loopback,
+/// a port near 443 in spirit and rarely taken.
+const TUNNEL_PORT: u16 = 10443;
+
+/// Convert the given inputs.
+pub fn import(
+    xray_path: Option<&Path>,
+    nginx_path: Option<&Path>,
+) -> Result<Imported, ImportError> {
+    if xray_path.is_none() && nginx_path.is_none() {
+        return Err(ImportError::NoInput);
+    }
+    let mut notes = Vec::new();
+    let inbounds = match xray_path {
+        Some(p) => Some(xray::load(p, &mut notes)?),
+        None => None,
+    };
+    let model = match nginx_path {
+        Some(p) => Some(nginx::model(nginx::load(p)?)),
+        None => None,
+    };
+    let empty = nginx::Model::default();
+    let mut b = Builder::new(model.as_ref().unwrap_or(&empty), model.is_some(), notes);
+    for p in [xray_path, nginx_path].into_iter().flatten() {
+        b.plan.inputs.push(
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| p.display().to_string()),
+        );
+    }
+    b.http_level();
+    if let Some(ibs) = &inbounds {
+        b.xray(
+            ibs,
+            xray_path
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        );
+    }
+    b.stream();
+    b.remaining_servers();
+    b.loose();
+    let (plan, mut notes) = b.finish();
+    // File by file, top to bottom, as someone would work through them.
+    notes.sort_by(|a, b| (&a.at.origin.shown, a.at.line).cmp(&(&b.at.origin.shown, b.at.line)));
+    Ok(Imported {
+        config: plan.render(),
+        notes,
+    })
+}
+
+/// What became of an nginx server block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Use {
+    Free,
+    /// Served by this portico site.
+    Site(usize),
+    /// Reached only through the tunnel server, which keeps it.
+    Kept,
+}
+
+/// The conversion state: the plan being built and the bookkeeping of names.
+struct Builder<'a> {
+    model: &'a nginx::Model,
+    has_nginx: bool,
+    notes: Vec<Note>,
+    plan: Plan,
+    uses: Vec<Use>,
+    sni_routes: Vec<Route>,
+    redirect: Option<Route>,
+    catch_all: Option<Route>,
+    claimed: BTreeMap<String, String>,
+    listens: BTreeMap<String, String>,
+    /// Upstream names by what they were made from (`block:NAME` or `url:URL`).
+    upstream_keys: BTreeMap<String, String>,
+    /// Longest proxy read/send timeout seen, seconds, and where.
+    idle: Option<(u64, At)>,
+    connect: Option<(u64, At)>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(model: &'a nginx::Model, has_nginx: bool, notes: Vec<Note>) -> Builder<'a> {
+        Builder {
+            model,
+            has_nginx,
+            notes,
+            plan: Plan::default(),
+            uses: vec![Use::Free; model.servers.len()],
+            sni_routes: Vec::new(),
+            redirect: None,
+            catch_all: None,
+            claimed: BTreeMap::new(),
+            listens: BTreeMap::new(),
+            upstream_keys: BTreeMap::new(),
+            idle: None,
+            connect: None,
+        }
+    }
+
+    fn note(&mut self, n: Note) {
+        self.notes.push(n);
+    }
+
+    fn listen(&mut self, addr: String, comment: String) {
+        self.listens.entry(addr).or_insert(comment);
+    }
+
+    /// Add an SNI route unless another route already has each name.
+    fn sni_route(&mut self, names: Vec<String>, at: &At, comment: Vec<String>, action: Action) {
+        let target = match &action {
+            Action::Pass(b) => format!("pass {b}"),
+            Action::Terminate(s) => format!("site {s}"),
+            Action::Redirect => "redirect".into(),
+        };
+        let mut kept = Vec::new();
+        for n in names {
+            if crate::config::SniPattern::parse(&n).is_err() {
+                self.note(Note::unconverted(
+                    at.clone(),
+                    format!("name {n:?}"),
+                    "not a host name portico can match as SNI",
+                ));
+                continue;
+            }
+            if let Some(prev) = self.claimed.get(&n) {
+                self.note(Note::unconverted(
+                    at.clone(),
+                    format!("name {n}"),
+                    format!("already routed ({prev}); the first one wins"),
+                ));
+                continue;
+            }
+            self.claimed.insert(n.clone(), target.clone());
+            kept.push(n);
+        }
+        if kept.is_empty() {
+            return;
+        }
+        self.sni_routes.push(Route {
+            comment,
+            sni: kept,
+            protocol: None,
+            action,
+        });
+    }
+
+    /// The route for names nothing else matched; one is enough.
+    fn catch_all(&mut self, at: &At, comment: Vec<String>, action: Action) {
+        if let Some(prev) = &self.catch_all {
+            let what = match &prev.action {
+                Action::Pass(b) => format!("pass {b}"),
+                Action::Terminate(s) => format!("site {s}"),
+                Action::Redirect => "redirect".into(),
+            };
+            self.note(Note::unconverted(
+                at.clone(),
+                "default route",
+                format!("connections without a more specific route already go to {what}"),
+            ));
+            return;
+        }
+        self.catch_all = Some(Route {
+            comment,
+            sni: Vec::new(),
+            protocol: Some("tls"),
+            action,
+        });
+    }
+
+    fn finish(mut self) -> (Plan, Vec<Note>) {
+        if let Some((secs, at)) = self.idle.clone() {
+            if secs > 3600 {
+                self.plan.timeouts.push((
+                    "idle".into(),
+                    format!("{secs}s"),
+                    format!("{} longest proxy_read/send_timeout", at.short()),
+                ));
+            }
+        }
+        if let Some((secs, at)) = self.connect.clone() {
+            if secs != 5 {
+                self.plan.timeouts.push((
+                    "upstream_connect".into(),
+                    format!("{secs}s"),
+                    format!("{} proxy_connect_timeout", at.short()),
+                ));
+            }
+        }
+        if self.listens.is_empty() {
+            self.listens.insert(
+                "0.0.0.0:443".into(),
+                "portico's port: HTTPS and tunnels".into(),
+            );
+        }
+        self.plan.listens = self
+            .listens
+            .iter()
+            .map(|(a, c)| emit::Listen {
+                addr: a.clone(),
+                comment: c.clone(),
+            })
+            .collect();
+        let mut routes = std::mem::take(&mut self.sni_routes);
+        routes.extend(self.redirect.take());
+        routes.extend(self.catch_all.take());
+        self.plan.routes = routes;
+        (self.plan, self.notes)
+    }
+
+    // ------------------------------------------------------------ Xray
+
+    fn xray(&mut self, inbounds: &[xray::Inbound], file: String) {
+        use xray::Security;
+        let mut main = None;
+        for ib in inbounds {
+            let tunnel = matches!(ib.security, Security::Tls | Security::Reality);
+            if tunnel && ib.port == Some(443) && main.is_none() {
+                main = Some(ib);
+                continue;
+            }
+            let why = if tunnel {
+                format!(
+                    "on port {}: only the inbound on 443 is converted; this one keeps its port, unchanged",
+                    ib.port_text
+                )
+            } else {
+                format!(
+                    "on port {} without tls or reality security: not on portico's path, stays with Xray unchanged",
+                    ib.port_text
+                )
+            };
+            self.note(Note::unconverted(ib.at.clone(), ib.label(), why));
+        }
+        let Some(ib) = main else {
+            let at = At {
+                origin: Arc::new(Origin {
+                    shown: file.clone(),
+                    short: file,
+                }),
+                line: 1,
+            };
+            self.note(Note::unconverted(
+                at,
+                "inbounds",
+                "no inbound on port 443 with tls or reality security: nothing from Xray to convert",
+            ));
+            return;
+        };
+        let listen_addr = match ib.listen.as_deref() {
+            Some(h) if h.contains(':') => format!("[{h}]:443"),
+            Some(h) if !h.is_empty() && h != "0.0.0.0" => format!("{h}:443"),
+            _ => "0.0.0.0:443".into(),
+        };
+        self.listen(
+            listen_addr,
+            format!("{} {} listened here", ib.at.short(), ib.label()),
+        );
+        let base = ib
+            .tag
+            .as_deref()
+            .map(sanitize)
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "xray".into());
+        let mut backends: BTreeMap<u8, String> = BTreeMap::new();
+        let new_addr = format!("127.0.0.1:{TUNNEL_PORT}");
+        let mut backend = |b: &mut Builder, v: u8, why: String| -> String {
+            if let Some(n) = backends.get(&v) {
+                return n.clone();
+            }
+            let name = if backends.is_empty() {
+                base.clone()
+            } else {
+                format!("{base}-v{v}")
+            };
+            backends.insert(v, name.clone());
+            b.plan.backends.push(emit::Backend {
+                name: name.clone(),
+                comment: vec![format!(
+                    "{} {} ({}, {}) moved to {new_addr}; {why}",
+                    ib.at.short(),
+                    ib.label(),
+                    ib.protocol,
+                    if ib.security == Security::Reality {
+                        "reality"
+                    } else {
+                        "tls"
+                    },
+                )],
+                addr: new_addr.clone(),
+                proxy_protocol: if v == 1 { "v1" } else { "v2" },
+            });
+            name
+        };
+
+        if ib.security == Security::Reality {
+            let name = backend(
+                self,
+                2,
+                "REALITY needs the client's own handshake: passed through raw".into(),
+            );
+            let names = ib.reality_names.clone();
+            if !names.is_empty() {
+                self.sni_route(
+                    names,
+                    &ib.at,
+                    vec![format!(
+                        "{} realitySettings.serverNames: REALITY names always pass through raw",
+                        ib.at.short()
+                    )],
+                    Action::Pass(name.clone()),
+                );
+            }
+            for f in &ib.fallbacks {
+                if f.name.is_some() {
+                    self.note(Note::unconverted(
+                        f.at.clone(),
+                        format!("fallback {}", fallback_text(f)),
+                        "fallbacks of a REALITY inbound stay with Xray: portico cannot terminate REALITY names",
+                    ));
+                }
+            }
+            self.catch_all(
+                &ib.at,
+                vec![format!(
+                    "{} everything else reached {} before, and still does",
+                    ib.at.short(),
+                    ib.label()
+                )],
+                Action::Pass(name),
+            );
+            self.plan.changes.push(format!(
+                "Xray {} ({}): listen on 127.0.0.1 port {TUNNEL_PORT} instead of 443, and set \"acceptProxyProtocol\": true in its streamSettings.sockopt: portico passes connections to it with a PROXY v2 header carrying the client address.",
+                ib.label(),
+                ib.at.short()
+            ));
+            return;
+        }
+
+        // TLS inbound: fallbacks grouped by name, in the order they appear.
+        let mut groups: Vec<(Option<String>, Vec<&xray::Fallback>)> = Vec::new();
+        for f in &ib.fallbacks {
+            match groups.iter_mut().find(|(n, _)| *n == f.name) {
+                Some((_, v)) => v.push(f),
+                None => groups.push((f.name.clone(), vec![f])),
+            }
+        }
+        let cert = ib.certificates.first().cloned();
+        if ib.certificates.len() > 1 {
+            let (_, _, at) = &ib.certificates[1];
+            self.note(Note::unconverted(
+                at.clone(),
+                "certificate",
+                "only the first certificate of the inbound is used for the sites it fell back to; give each site its own cert/key",
+            ));
+        }
+        let mut versions_used = Vec::new();
+        for (name, group) in &groups {
+            let first = group[0];
+            let Some(name) = name else {
+                // A fallback without a name applies to every name not listed;
+                // portico cannot tell those from the tunnel's own clients.
+                for f in group {
+                    if let Some(i) = self.find_server(&f.dest, None) {
+                        if self.model.servers[i].serves_requests() {
+                            self.note(Note::unconverted(
+                                f.at.clone(),
+                                format!("fallback {}", fallback_text(f)),
+                                format!(
+                                    "a fallback without a name stays with Xray: portico cannot tell which names it serves from the tunnel's own (give it a \"name\" to have portico serve {} itself)",
+                                    self.model.servers[i].at.short()
+                                ),
+                            ));
+                        }
+                        if self.uses[i] == Use::Free {
+                            self.uses[i] = Use::Kept;
+                        }
+                    }
+                }
+                continue;
+            };
+            let matches: Vec<(usize, Option<usize>)> = group
+                .iter()
+                .enumerate()
+                .map(|(k, f)| (k, self.find_server(&f.dest, Some(name))))
+                .collect();
+            let primary = matches
+                .iter()
+                .find(|(k, s)| s.is_some() && group[*k].alpn.is_none())
+                .or_else(|| matches.iter().find(|(_, s)| s.is_some()))
+                .and_then(|(_, s)| *s);
+            let serving = primary.filter(|i| self.model.servers[*i].serves_requests());
+            if let Some(si) = serving {
+                // A site portico terminates: the h1 and h2 fallbacks merge.
+                let dests: Vec<String> = group
+                    .iter()
+                    .map(|f| match &f.alpn {
+                        Some(a) => format!("alpn {a} -> {}", f.dest_text),
+                        None => format!("dest {}", f.dest_text),
+                    })
+                    .collect();
+                for (k, s) in &matches {
+                    if let Some(s) = s {
+                        if *s != si {
+                            self.note(Note::unconverted(
+                                group[*k].at.clone(),
+                                format!("fallback {}", fallback_text(group[*k])),
+                                format!(
+                                    "goes to a different server block ({}) than the name's other fallback ({}); portico serves the name from the latter",
+                                    self.model.servers[*s].at.short(),
+                                    self.model.servers[si].at.short()
+                                ),
+                            ));
+                        }
+                    }
+                }
+                for f in group.iter().filter(|f| f.path.is_some()) {
+                    self.note(Note::unconverted(
+                        f.at.clone(),
+                        format!("fallback {}", fallback_text(f)),
+                        "a path fallback of a name portico now terminates is not converted: add a location for the path with an upstream at the dest",
+                    ));
+                }
+                let tls = cert.as_ref().map(|(c, k, at)| sites::TlsFiles {
+                    cert: c.clone(),
+                    key: k.clone(),
+                    origin: format!("{} certificateFile", at.short()),
+                });
+                let site = self.site_for_server(si, tls);
+                let server = &self.model.servers[si];
+                let listens: Vec<String> = server.listens.iter().map(|l| l.text.clone()).collect();
+                self.sni_route(
+                    vec![name.clone()],
+                    &first.at,
+                    vec![format!(
+                        "{} fallback name {name:?} ({}) -> {} server ({}): portico terminates it now",
+                        first.at.short(),
+                        dests.join(", "),
+                        server.at.short(),
+                        listens.join("; ")
+                    )],
+                    Action::Terminate(site),
+                );
+                let lines: Vec<String> = group.iter().map(|f| f.at.short()).collect();
+                self.plan.changes.push(format!(
+                    "Xray fallbacks for {name} ({}) are no longer reached: portico terminates {name} itself; delete them.",
+                    lines.join(", ")
+                ));
+                continue;
+            }
+            // A tunnel name: it stays with Xray.
+            for (k, s) in &matches {
+                let f = group[*k];
+                match s {
+                    None if self.has_nginx => self.note(Note::unconverted(
+                        f.at.clone(),
+                        format!("fallback {}", fallback_text(f)),
+                        "dest matches no listen of a server in the nginx config: the name stays with Xray, passed through",
+                    )),
+                    Some(i) => {
+                        if !self.model.servers[*i].serves_requests() {
+                            self.note(Note::unconverted(
+                                f.at.clone(),
+                                format!("fallback {}", fallback_text(f)),
+                                format!(
+                                    "dest is the server at {}, which proxies nothing (a decoy site?): the name stays with Xray, passed through",
+                                    self.model.servers[*i].at.short()
+                                ),
+                            ));
+                        }
+                        if self.uses[*i] == Use::Free {
+                            self.uses[*i] = Use::Kept;
+                        }
+                    }
+                    None => {}
+                }
+            }
+            let v = group.iter().map(|f| f.xver).max().unwrap_or(0);
+            let v = if v == 1 { 1 } else { 2 };
+            let why = if group.iter().any(|f| f.xver > 0) {
+                format!("PROXY v{v} as its fallbacks' xver asked")
+            } else {
+                "PROXY v2 (its fallbacks had xver 0; acceptProxyProtocol reads either version)"
+                    .into()
+            };
+            let bname = backend(self, v, why);
+            versions_used.push(v);
+            let dests: Vec<String> = group
+                .iter()
+                .map(|f| {
+                    let alpn = f
+                        .alpn
+                        .as_deref()
+                        .map(|a| format!("alpn {a} "))
+                        .unwrap_or_default();
+                    format!("{alpn}dest {} xver {}", f.dest_text, f.xver)
+                })
+                .collect();
+            self.sni_route(
+                vec![name.clone()],
+                &first.at,
+                vec![format!(
+                    "{} fallback name {name:?} ({}): the name stays with Xray, passed through raw",
+                    first.at.short(),
+                    dests.join(", ")
+                )],
+                Action::Pass(bname),
+            );
+        }
+        let v = versions_used.first().copied().unwrap_or(2);
+        let why = "PROXY v2: Xray's acceptProxyProtocol reads either version".to_string();
+        let bname = backend(self, v, why);
+        self.catch_all(
+            &ib.at,
+            vec![format!(
+                "{} everything else reached {} before, and still does",
+                ib.at.short(),
+                ib.label()
+            )],
+            Action::Pass(bname),
+        );
+        let vs: Vec<String> = backends.keys().map(|v| format!("v{v}")).collect();
+        self.plan.changes.insert(0, format!(
+            "Xray {} ({}): listen on 127.0.0.1 port {TUNNEL_PORT} instead of 443, and set \"acceptProxyProtocol\": true in its streamSettings.sockopt: portico passes the tunnel's connections to it with a PROXY {} header carrying the client address. Its certificate and other fallbacks stay as they are.",
+            ib.label(),
+            ib.at.short(),
+            vs.join("/")
+        ));
+    }
+
+    /// The server block a stream destination reaches: one with a matching
+    /// `listen`, preferring one that names `name`, then `default_server`.
+    fn find_server(&self, dest: &xray::Dest, name: Option<&str>) -> Option<usize> {
+        let candidates: Vec<usize> = self
+            .model
+            .servers
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.listens.iter().any(|l| listen_reaches(&l.addr, dest)))
+            .map(|(i, _)| i)
+            .collect();
+        if let Some(n) = name {
+            if let Some(i) = candidates.iter().find(|i| {
+                let (names, _) = self.model.servers[**i].sni_names();
+                names.iter().any(|m| {
+                    crate::config::SniPattern::parse(m)
+                        .is_ok_and(|p| p.matches(&n.to_ascii_lowercase()))
+                })
+            }) {
+                return Some(*i);
+            }
+        }
+        candidates
+            .iter()
+            .find(|i| {
+                self.model.servers[**i]
+                    .listens
+                    .iter()
+                    .any(|l| l.default_server && listen_reaches(&l.addr, dest))
+            })
+            .or(candidates.first())
+            .copied()
+    }
+
+    // ------------------------------------------------------------ nginx stream
+
+    fn stream(&mut self) {
+        let model = self.model;
+        for ss in &model.stream_servers {
+            let mut pass_target: Option<&nginx::Directive> = None;
+            let mut proxy_protocol = false;
+            let mut preread = false;
+            for d in &ss.block {
+                match d.name.as_str() {
+                    "listen" => {}
+                    "proxy_pass" => pass_target = Some(d),
+                    "proxy_protocol" => proxy_protocol = d.arg(0) == "on",
+                    "ssl_preread" => preread = d.arg(0) == "on",
+                    "proxy_timeout" | "proxy_connect_timeout" => self.note(Note::handled(
+                        d.at.clone(),
+                        d.text(),
+                        "tunnels close after timeouts.idle (1h) without bytes; connects time out after timeouts.upstream_connect",
+                    )),
+                    _ => self.note(Note::unconverted(
+                        d.at.clone(),
+                        d.text(),
+                        "not understood in a stream server by the importer",
+                    )),
+                }
+            }
+            for l in &ss.listens {
+                if let nginx::ListenAddr::Tcp { host, port } = &l.addr {
+                    let addr = match host {
+                        Some(h) if h.contains(':') => format!("[{h}]:{port}"),
+                        Some(h) => format!("{h}:{port}"),
+                        None => format!("0.0.0.0:{port}"),
+                    };
+                    self.listen(addr, format!("{} stream {}", l.at.short(), l.text));
+                    if l.proxy_protocol {
+                        self.note(Note::unconverted(
+                            l.at.clone(),
+                            l.text.clone(),
+                            "a PROXY header in front of nginx: set accept_proxy and trusted on this [[listen]] if something still sends one",
+                        ));
+                    }
+                }
+            }
+            let Some(target) = pass_target else {
+                self.note(Note::unconverted(
+                    ss.at.clone(),
+                    "stream server",
+                    "no proxy_pass: nothing to convert",
+                ));
+                continue;
+            };
+            self.plan.changes.push(format!(
+                "nginx stream server at {}: portico owns its port now; stop it (the backends it passed to keep their addresses).",
+                ss.at.short()
+            ));
+            let version: u8 = if proxy_protocol { 1 } else { 0 };
+            let arg = target.arg(0).to_string();
+            if let Some(map) = model.maps.iter().find(|m| m.var == arg) {
+                if map.source != "$ssl_preread_server_name" || !preread {
+                    self.note(Note::unconverted(
+                        target.at.clone(),
+                        target.text(),
+                        format!("the map at {} is not keyed by $ssl_preread_server_name with ssl_preread on: not converted", map.at.short()),
+                    ));
+                    continue;
+                }
+                for e in &map.entries {
+                    let key = e.name.clone();
+                    let value = e.arg(0).to_string();
+                    match key.as_str() {
+                        "hostnames" => continue,
+                        "default" => self.stream_target(&value, None, version, e),
+                        k if k.starts_with('~') => self.note(Note::unconverted(
+                            e.at.clone(),
+                            e.text(),
+                            "regex server names are not converted: list the names (or *.wildcards) as sni",
+                        )),
+                        k => {
+                            let names = match k.strip_prefix('.') {
+                                Some(rest) => vec![rest.to_string(), format!("*.{rest}")],
+                                None => vec![k.to_string()],
+                            };
+                            self.stream_target(&value, Some(names), version, e);
+                        }
+                    }
+                }
+            } else if arg.starts_with('$') {
+                self.note(Note::unconverted(
+                    target.at.clone(),
+                    target.text(),
+                    "proxy_pass to a variable without a map of it: not converted",
+                ));
+            } else {
+                self.stream_target(&arg, None, version, target);
+            }
+        }
+    }
+
+    /// One SNI map entry (or the stream's only target): a pass route to the
+    /// stream upstream's address, or, when that address is an nginx `ssl`
+    /// server in this config, a site portico terminates.
+    fn stream_target(
+        &mut self,
+        target: &str,
+        names: Option<Vec<String>>,
+        version: u8,
+        at: &nginx::Directive,
+    ) {
+        let model = self.model;
+        let (addr_text, origin) = match model.stream_upstreams.iter().find(|u| u.name == target) {
+            Some(u) => {
+                if u.servers.len() > 1 {
+                    self.note(Note::unconverted(
+                        u.servers[1].at.clone(),
+                        u.servers[1].text(),
+                        "load balancing is not converted: a backend has one address; the first server is used",
+                    ));
+                }
+                match u.servers.first() {
+                    Some(s) => (
+                        s.arg(0).to_string(),
+                        format!("{} upstream {}", u.at.short(), u.name),
+                    ),
+                    None => {
+                        self.note(Note::unconverted(
+                            u.at.clone(),
+                            format!("upstream {}", u.name),
+                            "no server in it",
+                        ));
+                        return;
+                    }
+                }
+            }
+            None => (target.to_string(), String::new()),
+        };
+        let dest = xray::parse_dest(addr_text.strip_prefix("unix:").unwrap_or(&addr_text));
+        let Some(dest) = dest else {
+            self.note(Note::unconverted(
+                at.at.clone(),
+                at.text(),
+                format!("{addr_text:?} is not an address"),
+            ));
+            return;
+        };
+        let label = match &names {
+            Some(n) => n.join(", "),
+            None => "default".into(),
+        };
+        if let Some(si) = self.find_server(
+            &dest,
+            names.as_ref().and_then(|n| n.first()).map(String::as_str),
+        ) {
+            let server = &model.servers[si];
+            if server.has_ssl() && server.serves_requests() {
+                let site = self.site_for_server(si, None);
+                let comment = vec![format!(
+                    "{} stream SNI {label} -> {target} ({addr_text}) -> {} server: portico terminates it now",
+                    at.at.short(),
+                    server.at.short()
+                )];
+                match names {
+                    Some(n) => self.sni_route(n, &at.at, comment, Action::Terminate(site)),
+                    None => self.catch_all(&at.at, comment, Action::Terminate(site)),
+                }
+                return;
+            }
+        }
+        let bname = sanitize(target);
+        let bname = if bname.is_empty() {
+            "backend".to_string()
+        } else {
+            bname
+        };
+        if !self.plan.backends.iter().any(|b| b.name == bname) {
+            let mut comment = vec![format!("{} stream upstream for SNI {label}", at.at.short())];
+            if !origin.is_empty() {
+                comment = vec![origin.clone()];
+            }
+            self.plan.backends.push(emit::Backend {
+                name: bname.clone(),
+                comment,
+                addr: match &dest {
+                    xray::Dest::Tcp { host, port } if host.contains(':') => {
+                        format!("[{host}]:{port}")
+                    }
+                    xray::Dest::Tcp { host, port } => format!("{host}:{port}"),
+                    xray::Dest::Unix(p) => format!("unix:{p}"),
+                },
+                proxy_protocol: if version == 1 { "v1" } else { "none" },
+            });
+        }
+        let comment = vec![format!(
+            "{} stream SNI {label} -> {target}{}",
+            at.at.short(),
+            if version == 1 {
+                " (proxy_protocol on)"
+            } else {
+                ""
+            }
+        )];
+        match names {
+            Some(n) => self.sni_route(n, &at.at, comment, Action::Pass(bname)),
+            None => self.catch_all(&at.at, comment, Action::Pass(bname)),
+        }
+    }
+
+    // ------------------------------------------------------------ nginx http
+
+    fn remaining_servers(&mut self) {
+        let model = self.model;
+        let joined = !self.plan.backends.is_empty() || self.catch_all.is_some();
+        for (i, server) in model.servers.iter().enumerate() {
+            if self.uses[i] != Use::Free {
+                continue;
+            }
+            if let Some(ret) = server.redirect_target() {
+                let plain: Vec<&nginx::Listen> = server.listens.iter().filter(|l| !l.ssl).collect();
+                if plain.is_empty() {
+                    self.note(Note::unconverted(
+                        ret.at.clone(),
+                        ret.text(),
+                        "a redirect on a TLS listener is not converted",
+                    ));
+                    continue;
+                }
+                let url = ret.arg(1);
+                let host_part = url
+                    .trim_start_matches("https://")
+                    .split(['/', '$'])
+                    .next()
+                    .unwrap_or("");
+                let same_host = url.starts_with("https://$host")
+                    || url.starts_with("https://$server_name")
+                    || url.starts_with("https://$http_host")
+                    || server.names.iter().any(|(n, _)| n == host_part);
+                if !same_host {
+                    self.note(Note::unconverted(
+                        ret.at.clone(),
+                        ret.text(),
+                        "a redirect to another host is not converted: portico redirects to https:// on the same host",
+                    ));
+                    continue;
+                }
+                for l in &plain {
+                    if let Some(p) = l.addr.port() {
+                        self.listen(
+                            format!("0.0.0.0:{p}"),
+                            format!("{} {}", l.at.short(), l.text),
+                        );
+                    }
+                }
+                self.note(Note::handled(
+                    ret.at.clone(),
+                    ret.text(),
+                    "portico's redirect route answers plain HTTP with 308 https://host/path",
+                ));
+                let c = format!(
+                    "{} server {}: {}",
+                    server.at.short(),
+                    names_text(server),
+                    ret.text()
+                );
+                match &mut self.redirect {
+                    Some(r) => r.comment.push(c),
+                    None => {
+                        self.redirect = Some(Route {
+                            comment: vec![c],
+                            sni: Vec::new(),
+                            protocol: Some("http"),
+                            action: Action::Redirect,
+                        })
+                    }
+                }
+                self.uses[i] = Use::Kept;
+                continue;
+            }
+            if !server.serves_requests() {
+                self.note(Note::unconverted(
+                    server.at.clone(),
+                    format!("server {}", names_text(server)),
+                    "no proxy_pass or redirect in it (static files?): not converted",
+                ));
+                continue;
+            }
+            let local =
+                !server.listens.is_empty() && server.listens.iter().all(|l| l.addr.is_local());
+            if local && joined {
+                self.note(Note::unconverted(
+                    server.at.clone(),
+                    format!("server {}", names_text(server)),
+                    "listens on loopback only and no Xray fallback or stream route reaches it: not converted",
+                ));
+                continue;
+            }
+            let (names, bad) = server.sni_names();
+            for (n, at) in bad {
+                self.note(Note::unconverted(
+                    at,
+                    format!("server_name {n}"),
+                    "not a host name portico can match as SNI (regexes and IP addresses are not converted)",
+                ));
+            }
+            let site = self.site_for_server(i, None);
+            let mut listens_text = Vec::new();
+            for l in &server.listens {
+                listens_text.push(l.text.clone());
+                if l.ssl {
+                    if let Some(p) = l.addr.port() {
+                        self.listen(
+                            format!("0.0.0.0:{p}"),
+                            format!("{} {}", l.at.short(), l.text),
+                        );
+                    }
+                } else {
+                    self.listen(
+                        "0.0.0.0:443".into(),
+                        "portico's port: HTTPS and tunnels".into(),
+                    );
+                    self.note(Note::unconverted(
+                        l.at.clone(),
+                        l.text.clone(),
+                        "plain-HTTP proxying is not converted: portico serves this site over TLS on port 443 instead",
+                    ));
+                }
+            }
+            let comment = vec![format!(
+                "{} server {} ({})",
+                server.at.short(),
+                names_text(server),
+                listens_text.join("; ")
+            )];
+            if names.is_empty() {
+                self.catch_all(&server.at, comment, Action::Terminate(site));
+            } else {
+                self.sni_route(names, &server.at, comment, Action::Terminate(site));
+            }
+        }
+    }
+
+    /// Top-level directives: process settings, unknown blocks.
+    fn loose(&mut self) {
+        let model = self.model;
+        for d in &model.loose {
+            let n = sites::classify(d, self);
+            if let Some(n) = n {
+                self.note(n);
+            }
+        }
+        for m in &model.maps {
+            if m.source == "$http_upgrade" {
+                self.note(Note::handled(
+                    m.at.clone(),
+                    format!("map {} {}", m.source, m.var),
+                    "portico forwards WebSocket upgrades over HTTP/1.1 and h2",
+                ));
+            } else if m.source != "$ssl_preread_server_name"
+                && !self
+                    .plan
+                    .sites
+                    .iter()
+                    .any(|s| s.cors.as_ref().is_some_and(|c| c.comment.contains(&m.var)))
+            {
+                self.note(Note::unconverted(
+                    m.at.clone(),
+                    format!("map {} {}", m.source, m.var),
+                    "not converted: portico has no variables",
+                ));
+            }
+        }
+    }
+}
+
+/// Does a `listen` accept what a fallback/stream destination connects to?
+fn listen_reaches(listen: &nginx::ListenAddr, dest: &xray::Dest) -> bool {
+    fn loopback(h: &str) -> bool {
+        h == "localhost"
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+    match (listen, dest) {
+        (nginx::ListenAddr::Tcp { host, port }, xray::Dest::Tcp { host: dh, port: dp }) => {
+            port == dp
+                && match host {
+                    None => true,
+                    Some(h) => h == dh || (loopback(h) && loopback(dh)),
+                }
+        }
+        (nginx::ListenAddr::Unix(p), xray::Dest::Unix(d)) => p == d,
+        _ => false,
+    }
+}
+
+fn fallback_text(f: &xray::Fallback) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = &f.name {
+        parts.push(format!("name {n}"));
+    }
+    if let Some(a) = &f.alpn {
+        parts.push(format!("alpn {a}"));
+    }
+    if let Some(p) = &f.path {
+        parts.push(format!("path {p}"));
+    }
+    parts.push(format!("dest {}", f.dest_text));
+    parts.join(" ")
+}
+
+fn names_text(s: &nginx::Server) -> String {
+    if s.names.is_empty() {
+        "(no server_name)".into()
+    } else {
+        s.names
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// A config name from free text: letters, digits, `_`, `-`, `.`, at most 64.
+fn sanitize(s: &str) -> String {
+    let out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    out.trim_matches('-').to_string()
+}
