@@ -99,7 +99,8 @@ fn import(xray: Option<&Path>, nginx: Option<&Path>, output: Option<&Path>) -> E
     let imported = match portico::import::import(xray, nginx) {
         Ok(i) => i,
         Err(e) => {
-            eprintln!("portico: {e}");
+            // `FILE:LINE: reason`, like the report lines.
+            eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };

@@ -1121,3 +1121,95 @@ fn sanitize(s: &str) -> String {
         .collect();
     out.trim_matches('-').to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixture(dir: &str, file: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/import")
+            .join(dir)
+            .join(file)
+    }
+
+    /// Every fixture's output loads as a portico config (certificate files
+    /// are checked by `prepare`, which the integration tests run).
+    #[test]
+    fn fixture_outputs_are_valid_configs() {
+        let cases: [(&str, Option<&str>, &str); 4] = [
+            ("cpa", Some("xray.json"), "nginx.conf"),
+            ("ollama", None, "nginx.conf"),
+            ("openwebui", None, "nginx.conf"),
+            ("nginx-docs", None, "nginx.conf"),
+        ];
+        for (dir, xray, nginx) in cases {
+            let x = xray.map(|f| fixture(dir, f));
+            let n = fixture(dir, nginx);
+            let out = import(x.as_deref(), Some(&n)).unwrap_or_else(|e| panic!("{dir}: {e}"));
+            let cfg = crate::config::load_str(&out.config, dir)
+                .unwrap_or_else(|e| panic!("{dir}: {e}\n{}", out.config));
+            assert!(!cfg.routes.is_empty(), "{dir}");
+            for n in &out.notes {
+                let line = n.to_string();
+                assert!(!line.contains('\n'), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn cpa_layout_joins_fallback_pairs_into_one_site() {
+        let out = import(
+            Some(&fixture("cpa", "xray.json")),
+            Some(&fixture("cpa", "nginx.conf")),
+        )
+        .expect("imports");
+        let cfg = crate::config::load_str(&out.config, "cpa").expect("valid");
+        let api = cfg.sites.get("api").expect("site api");
+        assert_eq!(api.names.len(), 1);
+        assert_eq!(api.locations.len(), 13);
+        let terminating = cfg
+            .routes
+            .iter()
+            .filter(|r| matches!(&r.action, crate::config::Action::Terminate(s) if s == "api"))
+            .count();
+        assert_eq!(terminating, 1, "the h1 and h2 fallbacks merge");
+        let tunnel = cfg.backends.get("vless-in").expect("backend");
+        assert_eq!(tunnel.proxy_protocol, crate::config::ProxyVersion::V1);
+        assert_eq!(tunnel.addr.to_string(), "127.0.0.1:10443");
+    }
+
+    #[test]
+    fn listen_matching() {
+        let dest = xray::Dest::Tcp {
+            host: "127.0.0.1".into(),
+            port: 8003,
+        };
+        assert!(listen_reaches(
+            &nginx::ListenAddr::Tcp {
+                host: None,
+                port: 8003
+            },
+            &dest
+        ));
+        assert!(listen_reaches(
+            &nginx::ListenAddr::Tcp {
+                host: Some("localhost".into()),
+                port: 8003
+            },
+            &dest
+        ));
+        assert!(!listen_reaches(
+            &nginx::ListenAddr::Tcp {
+                host: None,
+                port: 8004
+            },
+            &dest
+        ));
+        assert!(listen_reaches(
+            &nginx::ListenAddr::Unix("/dev/shm/h1.sock".into()),
+            &xray::Dest::Unix("/dev/shm/h1.sock".into())
+        ));
+    }
+}

@@ -80,10 +80,21 @@ impl Loader {
         })?;
         let (config, errors) = nginx_lint_parser::parse_string_with_errors(&text);
         if let Some(err) = errors.first() {
+            if let Some(open) = unclosed_brace(&text) {
+                let line = line_of(&text, open);
+                let head = text.lines().nth(line - 1).unwrap_or("").trim();
+                return Err(ImportError::Parse {
+                    file: origin.shown.clone(),
+                    line,
+                    reason: format!(
+                        "the block opened here ({head}) is not closed: a '}}' is missing"
+                    ),
+                });
+            }
             return Err(ImportError::Parse {
                 file: origin.shown.clone(),
                 line: line_of(&text, err.offset),
-                reason: describe_syntax_error(&err.message),
+                reason: err.message.trim().to_string(),
             });
         }
         self.items(&config.items, &origin, depth)
@@ -205,14 +216,24 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// The parser's messages are terse ("expected '}'"); say what it means in nginx terms.
-fn describe_syntax_error(message: &str) -> String {
-    let m = message.trim();
-    if m.contains("'}'") || m.to_ascii_lowercase().contains("unclosed") {
-        format!("{m}: a block is not closed (missing '}}')")
-    } else {
-        m.to_string()
+/// The offset of the outermost `{` that no `}` closes. The parser reports
+/// an unclosed block at the end of the file; the line that opened it is
+/// what a person needs. Its lexer skips braces in comments and strings.
+fn unclosed_brace(text: &str) -> Option<usize> {
+    use nginx_lint_parser::syntax_kind::SyntaxKind;
+    let mut open = Vec::new();
+    let mut offset = 0;
+    for (kind, tok) in nginx_lint_parser::lexer_rowan::tokenize(text) {
+        match kind {
+            SyntaxKind::L_BRACE => open.push(offset),
+            SyntaxKind::R_BRACE => {
+                open.pop();
+            }
+            _ => {}
+        }
+        offset += tok.len();
     }
+    open.first().copied()
 }
 
 /// One `listen` of a server block.
