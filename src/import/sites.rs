@@ -335,8 +335,28 @@ impl Builder<'_> {
                 return None;
             }
         }
+        // Allow/deny lists and authentication have no portico counterpart;
+        // proxying without them would open the location to everyone.
+        let restricted = d.children().iter().any(|c| {
+            c.name == "deny"
+                || c.name == "auth_request"
+                || (c.name == "auth_basic" && c.arg(0) != "off")
+        });
         let mut target = None;
         for c in d.children() {
+            if restricted
+                && matches!(
+                    c.name.as_str(),
+                    "allow"
+                        | "deny"
+                        | "auth_basic"
+                        | "auth_basic_user_file"
+                        | "auth_request"
+                        | "proxy_pass"
+                )
+            {
+                continue;
+            }
             match c.name.as_str() {
                 "proxy_pass" => match self.upstream_for(c, &path) {
                     Ok(u) => target = Some(Target::Upstream(u)),
@@ -384,6 +404,17 @@ impl Builder<'_> {
                     }
                 }
             }
+        }
+        if restricted {
+            self.note(Note::unconverted(
+                d.at.clone(),
+                what.clone(),
+                "access control (allow/deny, auth_*) is not converted: the location answers 403 until you restrict access in front of portico or drop the location",
+            ));
+            target = Some(Target::Respond {
+                status: 403,
+                body: "forbidden: this location's access control was not converted".into(),
+            });
         }
         let Some(target) = target else {
             self.note(Note::unconverted(
