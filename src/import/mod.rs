@@ -539,19 +539,15 @@ impl<'a> Builder<'a> {
                         }
                     }
                 }
-                for f in group.iter().filter(|f| f.path.is_some()) {
-                    self.note(Note::unconverted(
-                        f.at.clone(),
-                        format!("fallback {}", fallback_text(f)),
-                        "a path fallback of a name portico now terminates is not converted: add a location for the path with an upstream at the dest",
-                    ));
-                }
                 let tls = cert.as_ref().map(|(c, k, at)| sites::TlsFiles {
                     cert: c.clone(),
                     key: k.clone(),
                     origin: format!("{} certificateFile", at.short()),
                 });
                 let site = self.site_for_server(si, tls);
+                for f in group.iter().filter(|f| f.path.is_some()) {
+                    self.path_fallback(&site, f);
+                }
                 let server = &self.model.servers[si];
                 let listens: Vec<String> = server.listens.iter().map(|l| l.text.clone()).collect();
                 self.sni_route(
@@ -651,6 +647,71 @@ impl<'a> Builder<'a> {
             ib.at.short(),
             vs.join("/")
         ));
+    }
+
+    /// A fallback by path (an Xray WebSocket inbound, usually) of a name
+    /// portico now terminates: a prefix location proxying to its dest,
+    /// which portico reaches over plain HTTP (upgrades included).
+    fn path_fallback(&mut self, site: &str, f: &xray::Fallback) {
+        let Some(path) = f.path.clone().filter(|p| p.starts_with('/')) else {
+            return;
+        };
+        let url = match &f.dest {
+            xray::Dest::Tcp { host, port } if host.contains(':') => {
+                format!("http://[{host}]:{port}")
+            }
+            xray::Dest::Tcp { host, port } => format!("http://{host}:{port}"),
+            xray::Dest::Unix(p) if !p.starts_with('@') => format!("unix:{p}"),
+            xray::Dest::Unix(_) => {
+                self.note(Note::unconverted(
+                    f.at.clone(),
+                    format!("fallback {}", fallback_text(f)),
+                    "abstract Unix sockets are not converted: give the inbound a socket file or a port",
+                ));
+                return;
+            }
+        };
+        let Some(k) = self.plan.sites.iter().position(|s| s.name == site) else {
+            return;
+        };
+        if self.plan.sites[k]
+            .locations
+            .iter()
+            .any(|l| l.path == path && !l.exact)
+        {
+            self.note(Note::unconverted(
+                f.at.clone(),
+                format!("fallback {}", fallback_text(f)),
+                "the nginx server already has a location for this path; it wins",
+            ));
+            return;
+        }
+        let upstream = self.upstream_named(
+            format!("url:{url}"),
+            &format!("fallback-{}", dest_label(&f.dest)),
+            url,
+            None,
+            vec![format!("{} fallback {}", f.at.short(), fallback_text(f))],
+        );
+        self.plan.sites[k].locations.insert(
+            0,
+            emit::Location {
+                comment: format!("{} fallback {}", f.at.short(), fallback_text(f)),
+                path,
+                exact: false,
+                target: emit::Target::Upstream(upstream),
+            },
+        );
+        if f.xver > 0 {
+            self.note(Note::unconverted(
+                f.at.clone(),
+                format!("xver {}", f.xver),
+                format!(
+                    "portico sends no PROXY header to HTTP upstreams (X-Forwarded-For instead): turn acceptProxyProtocol off on the inbound at {}",
+                    f.dest_text
+                ),
+            ));
+        }
     }
 
     /// The server block a stream destination reaches: one with a matching
@@ -1010,6 +1071,11 @@ impl<'a> Builder<'a> {
                         l.text.clone(),
                         "plain-HTTP proxying is not converted: portico serves this site over TLS on port 443 instead",
                     ));
+                    self.plan.changes.push(format!(
+                        "Clients of the plain-HTTP server at {} ({}) now use https:// on port 443.",
+                        server.at.short(),
+                        l.text
+                    ));
                 }
             }
             let comment = vec![format!(
@@ -1079,6 +1145,16 @@ fn listen_reaches(listen: &nginx::ListenAddr, dest: &xray::Dest) -> bool {
     }
 }
 
+fn dest_label(d: &xray::Dest) -> String {
+    match d {
+        xray::Dest::Tcp { port, .. } => port.to_string(),
+        xray::Dest::Unix(p) => std::path::Path::new(p)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
 fn fallback_text(f: &xray::Fallback) -> String {
     let mut parts = Vec::new();
     if let Some(n) = &f.name {
@@ -1125,7 +1201,7 @@ fn sanitize(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
     fn fixture(dir: &str, file: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -1178,6 +1254,121 @@ mod tests {
         let tunnel = cfg.backends.get("vless-in").expect("backend");
         assert_eq!(tunnel.proxy_protocol, crate::config::ProxyVersion::V1);
         assert_eq!(tunnel.addr.to_string(), "127.0.0.1:10443");
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    fn temp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("portico-import-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    const NGINX_API: &str = "http {\n  server {\n    listen 127.0.0.1:8003;\n    server_name api.example.com;\n    location / { proxy_pass http://127.0.0.1:3000; }\n  }\n}\n";
+
+    #[test]
+    fn path_fallback_of_a_terminated_name_becomes_a_location() {
+        let dir = temp("path");
+        let x = write(
+            &dir,
+            "xray.json",
+            r#"{"inbounds": [{"port": 443, "protocol": "vless",
+              "settings": {"fallbacks": [
+                {"name": "api.example.com", "dest": 8003},
+                {"name": "api.example.com", "path": "/vlws", "dest": 1234, "xver": 1}
+              ]},
+              "streamSettings": {"security": "tls", "tlsSettings": {"certificates": [
+                {"certificateFile": "/c.pem", "keyFile": "/k.pem"}]}}}]}"#,
+        );
+        let n = write(&dir, "nginx.conf", NGINX_API);
+        let out = import(Some(&x), Some(&n)).expect("imports");
+        let cfg = crate::config::load_str(&out.config, "t").expect("valid");
+        let site = cfg.sites.get("api").expect("site");
+        let ws = site
+            .locations
+            .iter()
+            .find(|l| l.path == "/vlws")
+            .expect("location");
+        match &ws.target {
+            crate::config::Target::Upstream(u) => assert_eq!(u.addr.to_string(), "127.0.0.1:1234"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            out.notes
+                .iter()
+                .any(|n| n.what == "xver 1" && n.at.line == 4),
+            "{:?}",
+            out.notes
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reality_names_always_pass_through() {
+        let dir = temp("reality");
+        let x = write(
+            &dir,
+            "xray.json",
+            r#"{"inbounds": [{"tag": "reality-in", "port": 443, "protocol": "vless",
+              "settings": {"fallbacks": [{"name": "api.example.com", "dest": 8003}]},
+              "streamSettings": {"security": "reality", "realitySettings": {
+                "target": "www.example.org:443",
+                "serverNames": ["www.example.org", "cdn.example.org"]}}}]}"#,
+        );
+        let n = write(&dir, "nginx.conf", NGINX_API);
+        let out = import(Some(&x), Some(&n)).expect("imports");
+        let cfg = crate::config::load_str(&out.config, "t").expect("valid");
+        assert!(
+            cfg.sites.is_empty(),
+            "REALITY names are never terminated:\n{}",
+            out.config
+        );
+        let first = &cfg.routes[0];
+        assert_eq!(first.matcher.sni.len(), 2);
+        assert!(
+            matches!(&first.action, crate::config::Action::Pass(b) if &*b.name == "reality-in")
+        );
+        assert!(
+            out.notes.iter().any(|n| n.why.contains("REALITY")),
+            "{:?}",
+            out.notes
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn handled_and_unconverted_notes_differ() {
+        let dir = temp("notes");
+        let n = write(
+            &dir,
+            "nginx.conf",
+            "http {\n  server {\n    listen 443 ssl;\n    server_name a.example.com;\n    proxy_buffering off;\n    location ~ \\.php$ { proxy_pass http://127.0.0.1:9000; }\n    location / { proxy_pass http://127.0.0.1:3000/v2/; }\n    location /x/ { proxy_pass http://127.0.0.1:3000; }\n  }\n}\n",
+        );
+        let out = import(None, Some(&n)).expect("imports");
+        let by_line = |l: usize| {
+            out.notes
+                .iter()
+                .find(|n| n.at.line == l)
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        };
+        assert!(
+            by_line(5).contains(": proxy_buffering off: handled by default: "),
+            "{}",
+            by_line(5)
+        );
+        assert!(
+            by_line(6).contains("regex locations are not converted"),
+            "{}",
+            by_line(6)
+        );
+        assert!(by_line(7).contains("rewrites the path"), "{}", by_line(7));
+        crate::config::load_str(&out.config, "t").expect("valid");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -34,11 +34,18 @@ impl Directive {
 
     /// `name arg1 arg2` as written, for messages and comments.
     pub fn text(&self) -> String {
-        if self.args.is_empty() {
-            self.name.clone()
-        } else {
-            format!("{} {}", self.name, self.args.join(" "))
+        let mut out = self.name.clone();
+        for a in &self.args {
+            out.push(' ');
+            if a.is_empty() || a.contains(char::is_whitespace) {
+                out.push('\'');
+                out.push_str(a);
+                out.push('\'');
+            } else {
+                out.push_str(a);
+            }
         }
+        out
     }
 
     pub fn children(&self) -> &[Directive] {

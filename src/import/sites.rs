@@ -187,7 +187,7 @@ impl Builder<'_> {
             .and_then(|n| n.trim_start_matches("*.").split('.').next())
             .map(sanitize)
             .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| "site".into());
+            .unwrap_or_else(|| "default".into());
         let mut name = base.clone();
         let mut k = 2;
         while self.plan.sites.iter().any(|s| s.name == name) {
@@ -537,7 +537,7 @@ impl Builder<'_> {
         ))
     }
 
-    fn upstream_named(
+    pub(super) fn upstream_named(
         &mut self,
         key: String,
         base: &str,
