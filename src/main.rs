@@ -107,6 +107,9 @@ fn import(xray: Option<&Path>, nginx: Option<&Path>, output: Option<&Path>) -> E
     for note in &imported.notes {
         eprintln!("{note}");
     }
+    if let Some(e) = &imported.invalid {
+        eprintln!("portico: warning: the written config does not load: {e}");
+    }
     let written = match output {
         Some(p) => std::fs::write(p, &imported.config)
             .map_err(|e| format!("cannot write {}: {e}", p.display())),

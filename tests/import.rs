@@ -406,6 +406,42 @@ async fn assert_reaches(addr: std::net::SocketAddr, sni: &str, path: &str, upstr
     );
 }
 
+/// Over h2 (what Xray's `alpn: "h2"` fallback carried), `path` reaches
+/// the origin `upstream` on the same site.
+async fn assert_h2_reaches(addr: std::net::SocketAddr, sni: &str, path: &str, upstream: &str) {
+    let (tls, _) = tls_connect(addr, &insecure_connector(&[b"h2"]), sni).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut client, conn) = tokio::time::timeout(STEP, h2::client::handshake(tls))
+        .await
+        .expect("h2 handshake timed out")
+        .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("https://{sni}{path}"))
+        .body(())
+        .expect("request");
+    let (resp, _) = client.send_request(req, true).expect("send h2 request");
+    let resp = tokio::time::timeout(STEP, resp)
+        .await
+        .expect("no h2 response within 5s")
+        .expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(STEP, body.data())
+        .await
+        .expect("h2 body stalled")
+    {
+        let chunk = chunk.expect("h2 body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        format!("{upstream} GET {path}")
+    );
+    conn.abort();
+}
+
 /// Read from `s` until `buf` holds `want` (bounded by STEP).
 async fn read_until<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>, want: &str) {
     let mut chunk = [0u8; 4096];
@@ -583,6 +619,9 @@ async fn cpa_layout_carries_tunnel_api_sse_and_codex_websocket() {
         ] {
             assert_reaches(listen, api, path, upstream).await;
         }
+        // The "API h2" fallback merged into the same site.
+        assert_h2_reaches(listen, api, "/v0/management/usage", "usage").await;
+        assert_h2_reaches(listen, api, "/v1/models", "cpa").await;
         assert_sse(listen, api, "/v1/responses", &cpa, "cpa").await;
         assert_websocket(listen, api, "/v1/responses", "cpa").await;
     })

@@ -122,6 +122,8 @@ pub enum ImportError {
 pub struct Imported {
     pub config: String,
     pub notes: Vec<Note>,
+    /// Set when the written config would not load (an importer bug).
+    pub invalid: Option<String>,
 }
 
 /// Where portico asks the tunnel server to listen from now on: loopback,
@@ -169,9 +171,17 @@ pub fn import(
     let (plan, mut notes) = b.finish();
     // File by file, top to bottom, as someone would work through them.
     notes.sort_by(|a, b| (&a.at.origin.shown, a.at.line).cmp(&(&b.at.origin.shown, b.at.line)));
+    let config = plan.render();
+    // What `portico check` will say about it (certificate files aside): an
+    // importer that writes an invalid config must say so, not leave it to
+    // the first start.
+    let invalid = crate::config::load_str(&config, "the written config")
+        .err()
+        .map(|e| e.to_string());
     Ok(Imported {
-        config: plan.render(),
+        config,
         notes,
+        invalid,
     })
 }
 
@@ -326,7 +336,10 @@ impl<'a> Builder<'a> {
                 comment: c.clone(),
             })
             .collect();
+        // Exact names before wildcards, as nginx's map and server_name
+        // prefer them: a wildcard above an exact name would shadow it.
         let mut routes = std::mem::take(&mut self.sni_routes);
+        routes.sort_by_key(|r| r.sni.iter().any(|n| n.starts_with("*.")));
         routes.extend(self.redirect.take());
         routes.extend(self.catch_all.take());
         self.plan.routes = routes;
@@ -1224,6 +1237,7 @@ mod tests {
             let x = xray.map(|f| fixture(dir, f));
             let n = fixture(dir, nginx);
             let out = import(x.as_deref(), Some(&n)).unwrap_or_else(|e| panic!("{dir}: {e}"));
+            assert_eq!(out.invalid, None, "{dir}");
             let cfg = crate::config::load_str(&out.config, dir)
                 .unwrap_or_else(|e| panic!("{dir}: {e}\n{}", out.config));
             assert!(!cfg.routes.is_empty(), "{dir}");
@@ -1368,6 +1382,39 @@ mod tests {
         );
         assert!(by_line(7).contains("rewrites the path"), "{}", by_line(7));
         crate::config::load_str(&out.config, "t").expect("valid");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn exact_names_route_before_wildcards() {
+        let dir = temp("wild");
+        let n = write(
+            &dir,
+            "nginx.conf",
+            "stream {\n  map $ssl_preread_server_name $b {\n    .example.com wild;\n    api.example.com exact;\n  }\n  upstream wild { server 127.0.0.1:9001; }\n  upstream exact { server unix:/run/exact.sock; }\n  server { listen 443; ssl_preread on; proxy_pass $b; }\n}\n",
+        );
+        let out = import(None, Some(&n)).expect("imports");
+        assert_eq!(out.invalid, None, "{}", out.config);
+        let cfg = crate::config::load_str(&out.config, "t").expect("valid");
+        assert_eq!(cfg.routes[0].matcher.sni[0].to_string(), "api.example.com");
+        assert_eq!(
+            cfg.backends["exact"].addr.to_string(),
+            "unix:/run/exact.sock"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unix_proxy_pass_urls() {
+        let dir = temp("unix");
+        let n = write(
+            &dir,
+            "nginx.conf",
+            "server {\n  listen 443 ssl;\n  server_name a.example.com;\n  location / { proxy_pass http://unix:/run/app.sock:/; }\n}\n",
+        );
+        let out = import(None, Some(&n)).expect("imports");
+        let cfg = crate::config::load_str(&out.config, "t").expect("valid");
+        assert_eq!(cfg.upstreams["app"].addr.to_string(), "unix:/run/app.sock");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
