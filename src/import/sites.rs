@@ -259,6 +259,26 @@ impl Builder<'_> {
                 }
             }
         }
+        let from_locations: Vec<&Directive> = headers
+            .iter()
+            .filter(|d| {
+                server
+                    .block
+                    .iter()
+                    .chain(&model.http_level)
+                    .all(|s| !std::ptr::eq(**d, s))
+            })
+            .copied()
+            .collect();
+        if site.locations.len() > 1 {
+            for d in from_locations {
+                self.note(Note::unconverted(
+                    d.at.clone(),
+                    d.text(),
+                    "set in one location, converted for the whole site: portico's headers and cors are per site",
+                ));
+            }
+        }
         self.headers(&headers, &mut site);
         let k = self.plan.sites.len();
         self.plan.sites.push(site);
