@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             xray,
             nginx,
             output,
-        }) => import(xray.as_deref(), nginx.as_deref(), output.as_deref()),
+        }) => portico::import::cli(xray.as_deref(), nginx.as_deref(), output.as_deref()),
         None => {
             let from_env = std::env::var_os("PORTICO_CONFIG").map(PathBuf::from);
             run(load(from_env.as_deref()))
@@ -91,42 +91,6 @@ fn check(path: &Path) -> ExitCode {
     };
     print!("{}", portico::config::describe(&generation.config));
     ExitCode::SUCCESS
-}
-
-/// `portico import`: the config to stdout or `-o`, one report line per
-/// unconverted thing on stderr; exit 1 only when an input cannot be read.
-fn import(xray: Option<&Path>, nginx: Option<&Path>, output: Option<&Path>) -> ExitCode {
-    let imported = match portico::import::import(xray, nginx) {
-        Ok(i) => i,
-        Err(e) => {
-            // `FILE:LINE: reason`, like the report lines.
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    for note in &imported.notes {
-        eprintln!("{note}");
-    }
-    if let Some(e) = &imported.invalid {
-        eprintln!("portico: warning: the written config does not load: {e}");
-    }
-    let written = match output {
-        Some(p) => std::fs::write(p, &imported.config)
-            .map_err(|e| format!("cannot write {}: {e}", p.display())),
-        None => {
-            use std::io::Write as _;
-            std::io::stdout()
-                .write_all(imported.config.as_bytes())
-                .map_err(|e| format!("cannot write the config: {e}"))
-        }
-    };
-    match written {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("portico: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 fn init_logging(cfg: &Config) {

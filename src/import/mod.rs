@@ -185,6 +185,47 @@ pub fn import(
     })
 }
 
+/// `portico import`: the config to stdout or `-o`, one report line per
+/// unconverted thing on stderr; exit 1 only when an input cannot be read.
+pub fn cli(
+    xray: Option<&Path>,
+    nginx: Option<&Path>,
+    output: Option<&Path>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let imported = match import(xray, nginx) {
+        Ok(i) => i,
+        Err(e) => {
+            // `FILE:LINE: reason`, like the report lines.
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for note in &imported.notes {
+        eprintln!("{note}");
+    }
+    if let Some(e) = &imported.invalid {
+        eprintln!("portico: warning: the written config does not load: {e}");
+    }
+    let written = match output {
+        Some(p) => std::fs::write(p, &imported.config)
+            .map_err(|e| format!("cannot write {}: {e}", p.display())),
+        None => {
+            use std::io::Write as _;
+            std::io::stdout()
+                .write_all(imported.config.as_bytes())
+                .map_err(|e| format!("cannot write the config: {e}"))
+        }
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portico: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// What became of an nginx server block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Use {
