@@ -682,6 +682,11 @@ impl<'a> Builder<'a> {
                 Action::Pass(bname),
             );
         }
+        if !self.has_nginx && groups.iter().any(|(n, _)| n.is_some()) {
+            self.plan.changes.push(
+                "Every fallback name stays with Xray: run the import again with --nginx to have portico serve the names whose fallbacks go to nginx itself.".into(),
+            );
+        }
         let v = versions_used.first().copied().unwrap_or(2);
         let why = "PROXY v2: Xray's acceptProxyProtocol reads either version".to_string();
         let bname = backend(self, v, why);
