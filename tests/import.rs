@@ -442,6 +442,68 @@ async fn assert_h2_reaches(addr: std::net::SocketAddr, sni: &str, path: &str, up
     conn.abort();
 }
 
+/// A WebSocket over h2 (RFC 8441 extended CONNECT) on `path`, the way
+/// portico replaces the separate "h2" fallback: one masked text frame to
+/// the origin `upstream`, its echo back.
+async fn assert_h2_websocket(addr: std::net::SocketAddr, sni: &str, path: &str, upstream: &str) {
+    let (tls, _) = tls_connect(addr, &insecure_connector(&[b"h2"]), sni).await;
+    let (client, conn) = tokio::time::timeout(STEP, h2::client::handshake(tls))
+        .await
+        .expect("h2 handshake timed out")
+        .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut client = tokio::time::timeout(STEP, client.ready())
+        .await
+        .expect("h2 not ready")
+        .expect("h2 ready");
+    // A first request: its response comes after the server's SETTINGS,
+    // which announce extended CONNECT.
+    let get = http::Request::get(format!("https://{sni}/v1/models"))
+        .body(())
+        .expect("request");
+    let (resp, _) = client.send_request(get, true).expect("send GET");
+    tokio::time::timeout(STEP, resp)
+        .await
+        .expect("no h2 response within 5s")
+        .expect("h2 response");
+    assert!(client.is_extended_connect_protocol_enabled());
+    let connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("https://{sni}{path}"))
+        .header("sec-websocket-version", "13")
+        .extension(h2::ext::Protocol::from_static("websocket"))
+        .body(())
+        .expect("request");
+    let (resp, mut send) = client.send_request(connect, false).expect("send CONNECT");
+    let resp = tokio::time::timeout(STEP, resp)
+        .await
+        .expect("no answer to the extended CONNECT")
+        .expect("extended CONNECT");
+    assert_eq!(resp.status(), 200);
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut frame = vec![0x81, 0x80 | 5];
+    frame.extend_from_slice(&mask);
+    frame.extend(b"hello".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    send.send_data(bytes::Bytes::from(frame), false)
+        .expect("send frame");
+    let want = format!("{upstream}: hello");
+    let mut recv = resp.into_body();
+    let mut got = Vec::new();
+    while got.len() < 2 + want.len() {
+        let chunk = tokio::time::timeout(STEP, recv.data())
+            .await
+            .expect("no WebSocket echo over h2 within 5s")
+            .expect("stream ended")
+            .expect("h2 data");
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got[0], 0x81, "a final text frame");
+    assert_eq!(usize::from(got[1]), want.len(), "unmasked, short length");
+    assert_eq!(&got[2..2 + want.len()], want.as_bytes());
+    conn.abort();
+}
+
 /// Read from `s` until `buf` holds `want` (bounded by STEP).
 async fn read_until<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>, want: &str) {
     let mut chunk = [0u8; 4096];
@@ -624,6 +686,7 @@ async fn cpa_layout_carries_tunnel_api_sse_and_codex_websocket() {
         assert_h2_reaches(listen, api, "/v1/models", "cpa").await;
         assert_sse(listen, api, "/v1/responses", &cpa, "cpa").await;
         assert_websocket(listen, api, "/v1/responses", "cpa").await;
+        assert_h2_websocket(listen, api, "/v1/responses", "cpa").await;
     })
     .await;
 }
