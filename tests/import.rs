@@ -974,3 +974,30 @@ async fn output_file_gets_the_config_and_stdout_stays_empty() {
     let written = std::fs::read_to_string(&out).expect("written");
     assert_eq!(written, import_fixture("openwebui").await);
 }
+
+#[tokio::test]
+async fn an_input_with_nothing_to_convert_is_an_error() {
+    let dir = TempDir::new();
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(
+        &path,
+        "events {}\nhttp {\n    server {\n        listen 80;\n        root /srv/www;\n    }\n}\n",
+    )
+    .expect("write");
+    let run = import(&arg("--nginx", &path)).await;
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.stdout.is_empty());
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("{}:1: nothing to convert", path.display())),
+        "{}",
+        run.stderr
+    );
+    // What was found is still reported, line by line.
+    assert!(
+        run.stderr
+            .contains(&format!("{}:3: server (no server_name)", path.display())),
+        "{}",
+        run.stderr
+    );
+}

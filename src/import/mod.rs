@@ -109,6 +109,12 @@ pub enum ImportError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{file}:1: nothing to convert: no server block, stream server, or Xray inbound on port 443 with tls or reality security")]
+    Nothing {
+        file: String,
+        /// What was found and not converted: printed before the error.
+        notes: Vec<Note>,
+    },
     #[error("{file}:{line}: {reason}")]
     Parse {
         file: String,
@@ -169,6 +175,16 @@ pub fn import(
     b.remaining_servers();
     b.loose();
     let (plan, mut notes) = b.finish();
+    if plan.routes.is_empty() {
+        let file = [xray_path, nginx_path]
+            .into_iter()
+            .flatten()
+            .map(|p| p.display().to_string())
+            .next()
+            .unwrap_or_default();
+        notes.sort_by(|a, b| (&a.at.origin.shown, a.at.line).cmp(&(&b.at.origin.shown, b.at.line)));
+        return Err(ImportError::Nothing { file, notes });
+    }
     // File by file, top to bottom, as someone would work through them.
     notes.sort_by(|a, b| (&a.at.origin.shown, a.at.line).cmp(&(&b.at.origin.shown, b.at.line)));
     let config = plan.render();
@@ -196,6 +212,11 @@ pub fn cli(
     let imported = match import(xray, nginx) {
         Ok(i) => i,
         Err(e) => {
+            if let ImportError::Nothing { notes, .. } = &e {
+                for note in notes {
+                    eprintln!("{note}");
+                }
+            }
             // `FILE:LINE: reason`, like the report lines.
             eprintln!("{e}");
             return ExitCode::FAILURE;

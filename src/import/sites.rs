@@ -363,6 +363,8 @@ impl Builder<'_> {
                 || (c.name == "auth_basic" && c.arg(0) != "off")
         });
         let mut target = None;
+        // A proxy_pass or return already reported: the location needs no second line.
+        let mut reported = false;
         for c in d.children() {
             if restricted
                 && matches!(
@@ -380,7 +382,10 @@ impl Builder<'_> {
             match c.name.as_str() {
                 "proxy_pass" => match self.upstream_for(c, &path) {
                     Ok(u) => target = Some(Target::Upstream(u)),
-                    Err(why) => self.note(Note::unconverted(c.at.clone(), c.text(), why)),
+                    Err(why) => {
+                        reported = true;
+                        self.note(Note::unconverted(c.at.clone(), c.text(), why))
+                    }
                 },
                 "return" => {
                     let code = c
@@ -395,11 +400,14 @@ impl Builder<'_> {
                                 body: c.arg(1).to_string(),
                             })
                         }
-                        _ => self.note(Note::unconverted(
-                            c.at.clone(),
-                            c.text(),
-                            "only return with a 2xx/4xx/5xx status (and text) is converted, as respond",
-                        )),
+                        _ => {
+                            reported = true;
+                            self.note(Note::unconverted(
+                                c.at.clone(),
+                                c.text(),
+                                "only return with a 2xx/4xx/5xx status (and text) is converted, as respond",
+                            ))
+                        }
                     }
                 }
                 "add_header" => headers.push(c),
@@ -437,6 +445,9 @@ impl Builder<'_> {
             });
         }
         let Some(target) = target else {
+            if reported {
+                return None;
+            }
             self.note(Note::unconverted(
                 d.at.clone(),
                 what,
@@ -540,7 +551,13 @@ impl Builder<'_> {
         }
         let key = format!("url:http://{hostport}");
         // `localhost:3000` -> `localhost-3000`; an IP address -> `app-3000`.
-        let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "80"));
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(':') => (h, p),
+            _ => (hostport, "80"),
+        };
+        if port.parse::<u16>().map_or(true, |p| p == 0) || host.is_empty() {
+            return Err(format!("{hostport:?} is not host:port"));
+        }
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let label = if host.parse::<std::net::IpAddr>().is_ok() {
             "app"
