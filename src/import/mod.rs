@@ -1448,6 +1448,13 @@ mod tests {
             by_line(6)
         );
         assert!(by_line(7).contains("rewrites the path"), "{}", by_line(7));
+        let handled: Vec<usize> = out
+            .notes
+            .iter()
+            .filter(|n| n.is_handled())
+            .map(|n| n.at.line)
+            .collect();
+        assert_eq!(handled, vec![5]);
         crate::config::load_str(&out.config, "t").expect("valid");
         let _ = std::fs::remove_dir_all(&dir);
     }
