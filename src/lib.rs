@@ -31,6 +31,7 @@ pub mod dial;
 pub mod generation;
 pub mod hello;
 pub mod http;
+pub mod import;
 pub mod io;
 pub mod lifecycle;
 pub mod listener;

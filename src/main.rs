@@ -35,6 +35,18 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Write a portico config from an Xray JSON config and/or an nginx config.
+    Import {
+        /// Xray config (JSON, comments allowed).
+        #[arg(long, value_name = "FILE")]
+        xray: Option<PathBuf>,
+        /// nginx config (its includes are read too).
+        #[arg(long, value_name = "FILE")]
+        nginx: Option<PathBuf>,
+        /// Write the config here instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +61,11 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check { config }) => check(&config),
         Some(Command::Run { config }) => run(load(Some(&config))),
+        Some(Command::Import {
+            xray,
+            nginx,
+            output,
+        }) => portico::import::cli(xray.as_deref(), nginx.as_deref(), output.as_deref()),
         None => {
             let from_env = std::env::var_os("PORTICO_CONFIG").map(PathBuf::from);
             run(load(from_env.as_deref()))
