@@ -7,6 +7,7 @@
 //! `config` are used by all.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod admin;
 pub mod config;
 pub mod hello;
