@@ -245,6 +245,10 @@ pub async fn redirect(
 }
 
 fn redirect_response(req: &Request<Incoming>) -> Response<Full<bytes::Bytes>> {
+    // acme wiring: HTTP-01 validation requests are answered before redirecting.
+    if let Some(answer) = crate::acme::http01_response(req.uri().path()) {
+        return answer;
+    }
     let host = req
         .headers()
         .get(header::HOST)
