@@ -35,6 +35,19 @@ pub struct Server {
     shared: Arc<Shared>,
     listeners: BTreeMap<SocketAddr, Bound>,
     ready: Arc<Readiness>,
+    /// Stops the ACME tasks of the current generation.
+    acme: CancellationToken,
+}
+
+/// acme wiring: start a generation's ACME tasks (a child of `shutdown`, so
+/// they stop with the process) and log certificate files close to expiry.
+fn start_generation_tasks(cfg: &Config, shutdown: &CancellationToken) -> CancellationToken {
+    for w in crate::tls::expiry_warnings(cfg) {
+        warn!("{w}");
+    }
+    let stop = shutdown.child_token();
+    crate::acme::start(cfg, stop.clone());
+    stop
 }
 
 impl Server {
@@ -47,10 +60,12 @@ impl Server {
         let cfg = generation.config.clone();
         let shared = Shared::new(generation);
         let ready = Arc::new(Readiness::default());
+        let acme = start_generation_tasks(&cfg, &shared.shutdown);
         let mut server = Server {
             shared,
             listeners: BTreeMap::new(),
             ready: ready.clone(),
+            acme,
         };
         for l in &cfg.listeners {
             server.open(l.addr)?;
@@ -153,6 +168,8 @@ impl Server {
         if generation.config.limits.max_connections != old.config.limits.max_connections {
             warn!("limits.max_connections changes take effect at restart");
         }
+        let acme = start_generation_tasks(&generation.config, &self.shared.shutdown);
+        std::mem::replace(&mut self.acme, acme).cancel();
         self.shared.current.store(Arc::new(generation));
         let removed: Vec<SocketAddr> = self
             .listeners
