@@ -277,8 +277,8 @@ async fn site_loop(
                     site,
                     failures,
                     retry_in = %humantime::format_duration(delay),
-                    problem_type = problem.and_then(|p| p.r#type.as_deref()).unwrap_or(""),
-                    detail = problem.and_then(|p| p.detail.as_deref()).unwrap_or(""),
+                    problem_type = %problem.and_then(|p| p.r#type.as_deref()).unwrap_or("-"),
+                    detail = problem.and_then(|p| p.detail.as_deref()).unwrap_or("-"),
                     "ACME {kind} failed, keeping the current certificate: {}",
                     one_line(&e)
                 );
