@@ -514,6 +514,7 @@ async fn failed_validation_keeps_the_certificate_and_backs_off() {
         let log = portico.stderr();
         let failures: Vec<&str> = log.lines().filter(|l| l.contains("ACME renewal failed")).collect();
         assert!(failures.len() >= 3, "{log}");
+        eprintln!("failure lines:\n{}", failures.join("\n"));
         assert!(
             failures[0].contains("problem_type=urn:ietf:params:acme:error:")
                 && failures[0].contains("127.0.0.2"),
@@ -595,6 +596,7 @@ respond = {{ status = 200, body = "other" }}
                 .find(|l| l.contains("ACME issuance failed"))
                 .unwrap_or_else(|| panic!("no failure line: {log}"));
             assert!(line.contains(expect), "{expect:?} not in {line}");
+            eprintln!("{line}");
             // Other sites serve; the acme site keeps its temporary certificate.
             let connector = insecure_connector(&[b"http/1.1"]);
             for (name, body) in [("other.test", "other"), ("api.test", "api")] {
