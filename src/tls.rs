@@ -106,7 +106,10 @@ pub fn expiry_warnings(cfg: &Config) -> Vec<String> {
         let CertSource::Files { cert, .. } = &site.cert else {
             continue;
         };
-        let Some(Ok(leaf)) = CertificateDer::pem_file_iter(cert).ok().and_then(|mut i| i.next()) else {
+        let Some(Ok(leaf)) = CertificateDer::pem_file_iter(cert)
+            .ok()
+            .and_then(|mut i| i.next())
+        else {
             continue;
         };
         let Ok((_, not_after, _)) = crate::acme::cert::inspect(&leaf) else {

@@ -227,15 +227,28 @@ fn client_trusting(root: &CertificateDer<'static>, alpn: &[&str]) -> TlsConnecto
 async fn served_leaf(addr: SocketAddr, name: &str) -> Vec<u8> {
     let connector = insecure_connector(&[b"http/1.1"]);
     let (tls, _) = tls_connect(addr, &connector, name).await;
-    let certs = tls.get_ref().1.peer_certificates().expect("peer certificates");
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("peer certificates");
     certs[0].to_vec()
 }
 
 /// Whether a client trusting only pebble's root accepts portico's certificate for `name`.
-async fn trusted_by_pebble_root(pebble: &Pebble, addr: SocketAddr, name: &str) -> Result<(), String> {
+async fn trusted_by_pebble_root(
+    pebble: &Pebble,
+    addr: SocketAddr,
+    name: &str,
+) -> Result<(), String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let server_name = ServerName::try_from(name.to_string()).unwrap();
-    match tokio::time::timeout(Duration::from_secs(5), pebble.client().connect(server_name, tcp)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        pebble.client().connect(server_name, tcp),
+    )
+    .await
+    {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("handshake timed out".into()),
@@ -476,7 +489,13 @@ async fn http01_issues_on_the_redirect_route() {
             "[[listen]]\naddr = \"{plain}\"\n\n[[route]]\nprotocol = \"http\"\nredirect = \"https\"\n"
         );
         let config = acme_config(listen, &pebble, storage.path(), "http-01", origin, &extra);
-        let portico = Portico::start(&config).await;
+        // Started self-signed; SIGHUP switches the site to ACME.
+        let portico = Portico::start(&config.replace("cert = \"acme\"", "cert = \"self-signed\"")).await;
+        let self_signed = &[("site", "api"), ("source", "self-signed")];
+        assert!(portico.metric("portico_certificate_expiry_timestamp_seconds", self_signed).await > 0.0);
+        assert_eq!(portico.metric("portico_acme_orders_total", API).await, 0.0);
+        portico.rewrite_config(&config);
+        portico.signal("HUP");
         portico
             .wait_metric_at_least("portico_acme_orders_total", API, 1.0, ISSUE_WITHIN)
             .await;
@@ -484,6 +503,55 @@ async fn http01_issues_on_the_redirect_route() {
         let (status, _) = http_get(plain, "/.well-known/acme-challenge/unknown").await.unwrap();
         assert_eq!(status, 308, "unknown tokens are redirected like any path");
         assert_eq!(portico.metric("portico_acme_orders_total", API_ERR).await, 0.0);
+        // The superseded self-signed series reads NaN (never alerts).
+        assert!(portico.metric("portico_certificate_expiry_timestamp_seconds", self_signed).await.is_nan());
+    })
+    .await;
+}
+
+/// A certificate file that expires within 14 days: `portico check` and
+/// start-up warn, naming the file and the date, and still succeed; its
+/// expiry is exported with source="file".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_certificate_expiring_soon_is_a_warning() {
+    bounded(30, async {
+        let dir = TempDir::new();
+        let (cert, key) = (dir.path().join("soon.crt"), dir.path().join("soon.key"));
+        let status = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+            .args(["-days", "5", "-subj", "/CN=api.test", "-addext", "subjectAltName=DNS:api.test"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl is installed by scripts/test-all");
+        assert!(status.success());
+        let listen = free_addr();
+        let config = format!(
+            "[[listen]]\naddr = \"{listen}\"\n\n[[route]]\nsni = [\"api.test\"]\nterminate = \"api\"\n\n[site.api]\ncert = \"{}\"\nkey = \"{}\"\n\n[[site.api.location]]\npath = \"/\"\nrespond = {{ status = 200 }}\n",
+            cert.display(),
+            key.display()
+        );
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, &config).unwrap();
+        let out = portico_check(&path, &[]).await;
+        assert_eq!(out.code, Some(0), "{out:?}");
+        let in_5_days = std::time::SystemTime::now() + Duration::from_secs(5 * 86400);
+        let date = humantime::format_rfc3339_seconds(in_5_days).to_string();
+        let want = format!("portico: warning: certificate {} (site.api.cert) expires on {}", cert.display(), &date[..10]);
+        assert!(out.stderr.contains(&want), "{want:?} not in {:?}", out.stderr);
+
+        let portico = Portico::start(&config).await;
+        let log = portico.stderr();
+        assert!(log.contains(&format!("certificate {} (site.api.cert) expires on {}", cert.display(), &date[..10])), "{log}");
+        let expiry = portico
+            .metric("portico_certificate_expiry_timestamp_seconds", &[("site", "api"), ("source", "file")])
+            .await;
+        let want = in_5_days.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!((expiry - want).abs() < 86400.0 + 60.0, "expiry {expiry}, expected about {want}");
     })
     .await;
 }
@@ -512,7 +580,10 @@ async fn failed_validation_keeps_the_certificate_and_backs_off() {
         assert_eq!(served_leaf(listen, "api.test").await, issued);
         assert_eq!(portico.metric("portico_acme_orders_total", API).await, 1.0);
         let log = portico.stderr();
-        let failures: Vec<&str> = log.lines().filter(|l| l.contains("ACME renewal failed")).collect();
+        let failures: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("ACME renewal failed"))
+            .collect();
         assert!(failures.len() >= 3, "{log}");
         eprintln!("failure lines:\n{}", failures.join("\n"));
         assert!(
@@ -521,7 +592,10 @@ async fn failed_validation_keeps_the_certificate_and_backs_off() {
             "the problem type and detail are logged: {}",
             failures[0]
         );
-        for (line, delay) in failures.iter().zip(["retry_in=1s", "retry_in=2s", "retry_in=4s"]) {
+        for (line, delay) in failures
+            .iter()
+            .zip(["retry_in=1s", "retry_in=2s", "retry_in=4s"])
+        {
             assert!(line.contains(delay), "expected {delay}: {line}");
         }
     })
@@ -581,8 +655,16 @@ respond = {{ status = 200, body = "other" }}
         let unreachable = format!("https://{}/dir", free_addr());
         let not_acme = format!("https://{}/roots/0", pebble.management);
         let cases = [
-            (unreachable.clone(), pebble.https_root.clone(), "is unreachable"),
-            (not_acme.clone(), pebble.https_root.clone(), "is not an ACME directory"),
+            (
+                unreachable.clone(),
+                pebble.https_root.clone(),
+                "is unreachable",
+            ),
+            (
+                not_acme.clone(),
+                pebble.https_root.clone(),
+                "is not an ACME directory",
+            ),
             (pebble.url.clone(), not_pem.clone(), "not a PEM certificate"),
         ];
         for (directory, ca, expect) in cases {
@@ -601,12 +683,19 @@ respond = {{ status = 200, body = "other" }}
             let connector = insecure_connector(&[b"http/1.1"]);
             for (name, body) in [("other.test", "other"), ("api.test", "api")] {
                 let (mut tls, _) = tls_connect(listen, &connector, name).await;
-                tls.write_all(format!("GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n").as_bytes())
-                    .await
-                    .unwrap();
+                tls.write_all(
+                    format!("GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
                 let mut out = String::new();
-                let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_string(&mut out)).await;
-                assert!(out.starts_with("HTTP/1.1 200") && out.ends_with(body), "{name}: {out}");
+                let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_string(&mut out))
+                    .await;
+                assert!(
+                    out.starts_with("HTTP/1.1 200") && out.ends_with(body),
+                    "{name}: {out}"
+                );
             }
         }
 
@@ -617,25 +706,34 @@ respond = {{ status = 200, body = "other" }}
         let out = portico_check(&path, &[]).await;
         assert_eq!(out.code, Some(1), "{out:?}");
         assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
-        assert!(out.stderr.contains("acme.ca") && out.stderr.contains("not a PEM certificate"), "{out:?}");
+        assert!(
+            out.stderr.contains("acme.ca") && out.stderr.contains("not a PEM certificate"),
+            "{out:?}"
+        );
 
         std::fs::write(&path, config(&unreachable, &pebble.https_root)).unwrap();
         let out = portico_check(&path, &[]).await;
         assert_eq!(out.code, Some(0), "{out:?}");
 
-        let wildcard = config(&unreachable, &pebble.https_root).replace("[\"api.test\"]", "[\"*.api.test\"]");
+        let wildcard =
+            config(&unreachable, &pebble.https_root).replace("[\"api.test\"]", "[\"*.api.test\"]");
         std::fs::write(&path, wildcard).unwrap();
         let out = portico_check(&path, &[]).await;
         assert_eq!(out.code, Some(1), "{out:?}");
-        assert!(out.stderr.contains("route[0].sni") && out.stderr.contains("DNS-01"), "{out:?}");
+        assert!(
+            out.stderr.contains("route[0].sni") && out.stderr.contains("DNS-01"),
+            "{out:?}"
+        );
 
-        let bad = config(&unreachable, &pebble.https_root).replace("retry = \"30s\"", "challenge = \"dns-01\"");
+        let bad = config(&unreachable, &pebble.https_root)
+            .replace("retry = \"30s\"", "challenge = \"dns-01\"");
         std::fs::write(&path, bad).unwrap();
         let out = portico_check(&path, &[]).await;
         assert_eq!(out.code, Some(1), "{out:?}");
         assert!(out.stderr.contains("acme.challenge"), "{out:?}");
 
-        let http01 = config(&unreachable, &pebble.https_root).replace("retry = \"30s\"", "challenge = \"http-01\"");
+        let http01 = config(&unreachable, &pebble.https_root)
+            .replace("retry = \"30s\"", "challenge = \"http-01\"");
         std::fs::write(&path, http01).unwrap();
         let out = portico_check(&path, &[]).await;
         assert_eq!(out.code, Some(1), "{out:?}");

@@ -109,7 +109,8 @@ pub async fn account(acme: &Acme, store: &Store) -> Result<Account, AcmeError> {
     let builder = || match &acme.ca {
         Some(ca) => {
             check_ca(ca).map_err(AcmeError::Ca)?;
-            Account::builder_with_root(ca).map_err(|e| AcmeError::Ca(format!("ca {}: {e}", ca.display())))
+            Account::builder_with_root(ca)
+                .map_err(|e| AcmeError::Ca(format!("ca {}: {e}", ca.display())))
         }
         None => Account::builder().map_err(|e| AcmeError::Local(format!("HTTPS client: {e}"))),
     };
@@ -139,15 +140,14 @@ pub async fn account(acme: &Acme, store: &Store) -> Result<Account, AcmeError> {
         terms_of_service_agreed: true,
         only_return_existing: false,
     };
-    let (account, creds) = match builder()?
-        .create(&new, acme.directory.clone(), None)
-        .await
-    {
+    let (account, creds) = match builder()?.create(&new, acme.directory.clone(), None).await {
         Ok(x) => x,
         // Fetching the directory failed, or the server refused the account.
-        Err(e @ (instant_acme::Error::Json(_) | instant_acme::Error::Hyper(_) | instant_acme::Error::Other(_))) => {
-            return Err(directory_error(e))
-        }
+        Err(
+            e @ (instant_acme::Error::Json(_)
+            | instant_acme::Error::Hyper(_)
+            | instant_acme::Error::Other(_)),
+        ) => return Err(directory_error(e)),
         Err(e) => return Err(AcmeError::Account(e)),
     };
     let json = serde_json::to_vec(&creds)
@@ -212,8 +212,8 @@ pub async fn order(
             let ka = ch.key_authorization();
             pending.push(match challenge {
                 Challenge::TlsAlpn01 => {
-                    let key = cert::tls_alpn01(&name, ka.digest().as_ref())
-                        .map_err(AcmeError::Local)?;
+                    let key =
+                        cert::tls_alpn01(&name, ka.digest().as_ref()).map_err(AcmeError::Local)?;
                     challenge::add_tls_alpn(&name, key)
                 }
                 Challenge::Http01 => challenge::add_http01(&ch.token, ka.as_str()),

@@ -270,7 +270,12 @@ async fn site_loop(
                 if let Ok(mut r) = slot.retry.lock() {
                     *r = (failures, Some(Instant::now() + delay));
                 }
-                if matches!(e, issue::AcmeError::Unreachable { .. } | issue::AcmeError::NotAcme { .. } | issue::AcmeError::Ca(_)) {
+                if matches!(
+                    e,
+                    issue::AcmeError::Unreachable { .. }
+                        | issue::AcmeError::NotAcme { .. }
+                        | issue::AcmeError::Ca(_)
+                ) {
                     // The account is fetched again on the next attempt.
                     *account.lock().await = None;
                 }

@@ -119,6 +119,9 @@ mod tests {
             directory_key("https://acme-v02.api.letsencrypt.org/directory"),
             "acme-v02.api.letsencrypt.org_directory"
         );
-        assert_eq!(directory_key("https://127.0.0.1:14000/dir"), "127.0.0.1_14000_dir");
+        assert_eq!(
+            directory_key("https://127.0.0.1:14000/dir"),
+            "127.0.0.1_14000_dir"
+        );
     }
 }

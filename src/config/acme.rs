@@ -119,22 +119,23 @@ pub(super) fn validate(raw: &RawAcme, source: &str) -> Result<Acme, ConfigError>
         acme.ca = Some(PathBuf::from(ca));
     }
     if let Some(c) = &raw.challenge {
-        acme.challenge = match c.as_str() {
-            "tls-alpn-01" => Challenge::TlsAlpn01,
-            "http-01" => Challenge::Http01,
-            "dns-01" => {
-                return Err(err(
+        acme.challenge =
+            match c.as_str() {
+                "tls-alpn-01" => Challenge::TlsAlpn01,
+                "http-01" => Challenge::Http01,
+                "dns-01" => {
+                    return Err(err(
+                        "challenge",
+                        "\"dns-01\" is not supported (use \"tls-alpn-01\" or \"http-01\")".into(),
+                    ))
+                }
+                other => return Err(err(
                     "challenge",
-                    "\"dns-01\" is not supported (use \"tls-alpn-01\" or \"http-01\")".into(),
-                ))
-            }
-            other => {
-                return Err(err(
-                    "challenge",
-                    format!("{other:?} is not a challenge type (use \"tls-alpn-01\" or \"http-01\")"),
-                ))
-            }
-        };
+                    format!(
+                        "{other:?} is not a challenge type (use \"tls-alpn-01\" or \"http-01\")"
+                    ),
+                )),
+            };
     }
     if let Some(retry) = raw.retry {
         if retry.is_zero() {
@@ -159,6 +160,9 @@ pub fn check_ca(path: &std::path::Path) -> Result<(), String> {
             "ca {}: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)",
             path.display()
         )),
-        Err(e) => Err(format!("ca {}: not a PEM certificate: {e:?}", path.display())),
+        Err(e) => Err(format!(
+            "ca {}: not a PEM certificate: {e:?}",
+            path.display()
+        )),
     }
 }

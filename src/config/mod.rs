@@ -449,7 +449,10 @@ pub struct Backend {
 /// Where a site's certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CertSource {
-    Files { cert: PathBuf, key: PathBuf },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
     SelfSigned,
     /// `cert = "acme"`: issued and renewed for the site's exact names.
     Acme(Arc<acme::Acme>),

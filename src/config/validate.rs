@@ -339,12 +339,7 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
 
 /// `cert = "acme"` needs exact names: wildcards need DNS-01, which portico
 /// does not do.
-fn acme_names(
-    cx: &Ctx,
-    key: &str,
-    name: &str,
-    terminating: &[&Route],
-) -> Result<(), ConfigError> {
+fn acme_names(cx: &Ctx, key: &str, name: &str, terminating: &[&Route]) -> Result<(), ConfigError> {
     let exact = terminating
         .iter()
         .flat_map(|r| &r.matcher.sni)
