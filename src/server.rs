@@ -60,16 +60,17 @@ impl Server {
         let cfg = generation.config.clone();
         let shared = Shared::new(generation);
         let ready = Arc::new(Readiness::default());
-        let acme = start_generation_tasks(&cfg, &shared.shutdown);
         let mut server = Server {
             shared,
             listeners: BTreeMap::new(),
             ready: ready.clone(),
-            acme,
+            acme: CancellationToken::new(),
         };
         for l in &cfg.listeners {
             server.open(l.addr)?;
         }
+        // After binding: the CA may validate as soon as an order is placed.
+        server.acme = start_generation_tasks(&cfg, &server.shared.shutdown);
         if let Some(handle) = metrics.clone() {
             // Histogram samples queue up in the recorder until upkeep folds
             // them into buckets: without it memory grows with every request.
