@@ -2,6 +2,7 @@
 //! the challenges published for the listeners to answer, the CSR, and the
 //! issued chain. No retry here; the caller schedules.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use instant_acme::{
@@ -107,11 +108,7 @@ pub fn one_line(e: &dyn std::error::Error) -> String {
 /// created (and stored) on first use.
 pub async fn account(acme: &Acme, store: &Store) -> Result<Account, AcmeError> {
     let builder = || match &acme.ca {
-        Some(ca) => {
-            check_ca(ca).map_err(AcmeError::Ca)?;
-            Account::builder_with_root(ca)
-                .map_err(|e| AcmeError::Ca(format!("ca {}: {e}", ca.display())))
-        }
+        Some(ca) => Ok(Account::builder_with_http(client_with_extra_root(ca)?)),
         None => Account::builder().map_err(|e| AcmeError::Local(format!("HTTPS client: {e}"))),
     };
     let directory_error = |e: instant_acme::Error| match e {
@@ -158,6 +155,46 @@ pub async fn account(acme: &Acme, store: &Store) -> Result<Account, AcmeError> {
     })?;
     tracing::info!(directory = %acme.directory, id = account.id(), "ACME account created");
     Ok(account)
+}
+
+/// The directory's HTTPS client when `acme.ca` is set: the system's roots
+/// plus every certificate in that file.
+fn client_with_extra_root(
+    ca: &std::path::Path,
+) -> Result<Box<dyn instant_acme::HttpClient>, AcmeError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    check_ca(ca).map_err(AcmeError::Ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system roots are not fatal: the extra root may be all
+    // a private ACME server needs.
+    for c in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(c);
+    }
+    let extra = CertificateDer::pem_file_iter(ca)
+        .map_err(|e| AcmeError::Ca(format!("cannot read ca {}: {e:?}", ca.display())))?;
+    for c in extra {
+        let c = c.map_err(|e| AcmeError::Ca(format!("ca {}: {e:?}", ca.display())))?;
+        roots
+            .add(c)
+            .map_err(|e| AcmeError::Ca(format!("ca {}: {e}", ca.display())))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AcmeError::Local(format!("HTTPS client: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, instant_acme::BodyWrapper<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    Ok(Box::new(client))
 }
 
 /// An issued certificate: the chain and its key, PEM.

@@ -270,16 +270,26 @@ async fn site_loop(
                 if let Ok(mut r) = slot.retry.lock() {
                     *r = (failures, Some(Instant::now() + delay));
                 }
-                if matches!(
-                    e,
-                    issue::AcmeError::Unreachable { .. }
-                        | issue::AcmeError::NotAcme { .. }
-                        | issue::AcmeError::Ca(_)
-                ) {
+                let problem = e.problem();
+                let unknown_account = problem
+                    .and_then(|p| p.r#type.as_deref())
+                    .is_some_and(|t| t.ends_with(":accountDoesNotExist"));
+                if unknown_account {
+                    // The server forgot the stored account (a test CA reset,
+                    // a deactivated account): the next attempt creates one.
+                    let _ = std::fs::remove_file(store.account());
+                }
+                if unknown_account
+                    || matches!(
+                        e,
+                        issue::AcmeError::Unreachable { .. }
+                            | issue::AcmeError::NotAcme { .. }
+                            | issue::AcmeError::Ca(_)
+                    )
+                {
                     // The account is fetched again on the next attempt.
                     *account.lock().await = None;
                 }
-                let problem = e.problem();
                 warn!(
                     site,
                     failures,

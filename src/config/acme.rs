@@ -46,7 +46,7 @@ pub struct Acme {
     /// The directory URL (the named ones resolved).
     pub directory: String,
     pub storage: PathBuf,
-    /// Root certificate for the directory's HTTPS, instead of the system's roots.
+    /// Extra root(s) for the directory's HTTPS, besides the system's roots.
     pub ca: Option<PathBuf>,
     pub challenge: Challenge,
     /// First retry delay after a failure (`retry`, default 1m).
@@ -119,23 +119,24 @@ pub(super) fn validate(raw: &RawAcme, source: &str) -> Result<Acme, ConfigError>
         acme.ca = Some(PathBuf::from(ca));
     }
     if let Some(c) = &raw.challenge {
-        acme.challenge =
-            match c.as_str() {
-                "tls-alpn-01" => Challenge::TlsAlpn01,
-                "http-01" => Challenge::Http01,
-                "dns-01" => {
-                    return Err(err(
-                        "challenge",
-                        "\"dns-01\" is not supported (use \"tls-alpn-01\" or \"http-01\")".into(),
-                    ))
-                }
-                other => return Err(err(
+        acme.challenge = match c.as_str() {
+            "tls-alpn-01" => Challenge::TlsAlpn01,
+            "http-01" => Challenge::Http01,
+            "dns-01" => {
+                return Err(err(
+                    "challenge",
+                    "\"dns-01\" is not supported (use \"tls-alpn-01\" or \"http-01\")".into(),
+                ))
+            }
+            other => {
+                return Err(err(
                     "challenge",
                     format!(
                         "{other:?} is not a challenge type (use \"tls-alpn-01\" or \"http-01\")"
                     ),
-                )),
-            };
+                ))
+            }
+        };
     }
     if let Some(retry) = raw.retry {
         if retry.is_zero() {
