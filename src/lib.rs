@@ -3,8 +3,10 @@
 //! Data flows one way through the modules: `listener` accepts, `proxy_protocol`
 //! reads an inbound PROXY header, `hello` peeks the first bytes, `route`
 //! decides, then `tunnel` passes bytes through or `terminate` + `http`
-//! terminate TLS and proxy HTTP. `server` owns the process; `metrics` and
-//! `config` are used by all.
+//! terminate TLS and proxy HTTP. `acme` obtains and renews certificates: its
+//! challenge answers are consulted by `listener` (TLS-ALPN-01, before routing)
+//! and the redirect route (HTTP-01), its certificate slots by `tls`.
+//! `server` owns the process; `metrics` and `config` are used by all.
 #![forbid(unsafe_code)]
 
 pub mod acme;
