@@ -124,6 +124,15 @@ pub async fn handle(
             return;
         }
     };
+    // A TLS-ALPN-01 validation handshake for a name with a pending ACME
+    // challenge is answered here, before route matching.
+    if let Some(Peeked::Tls(h)) = &peeked {
+        if let Some(key) = crate::acme::tls_alpn_for(h.sni.as_deref(), &h.alpn) {
+            let io = Prefixed::new(buf, stream);
+            crate::acme::answer_tls_alpn(io, key, cfg.timeouts.tls_handshake).await;
+            return;
+        }
+    }
     let seen = match &peeked {
         Some(p) => Seen::Peeked(p),
         None => Seen::Silent,

@@ -18,11 +18,14 @@
 //! Below them all: `config` (the checked model), `lifecycle` (shutdown, hard
 //! stop, task tracker), `dial` (the one way to connect, TCP or Unix), `io`
 //! (peek replay, meters, the idle-aware pump), `splice`, `tls`, `metrics`.
-//! `admin` serves /metrics, and `status` the status page and API, beside the
+//! `acme` obtains and renews certificates: `conn` asks it for TLS-ALPN-01
+//! answers before routing, `http::redirect` for HTTP-01, `tls` reads its
+//! certificate slots. `admin` serves /metrics, and `status` the status page and API, beside the
 //! flow; `recent_errors` keeps the last failures for them. `.ci/run` checks that no import
 //! cycle comes back.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod admin;
 pub mod config;
 pub mod conn;

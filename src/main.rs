@@ -89,6 +89,17 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // acme wiring: the `ca` file is checked offline; run reports the same
+    // problem from the ACME task and keeps serving the other sites.
+    if let Some(ca) = generation.config.acme.as_ref().and_then(|a| a.ca.as_ref()) {
+        if let Err(e) = config::acme::check_ca(ca) {
+            eprintln!("portico: {}: acme.ca: {e}", generation.config.source);
+            return ExitCode::FAILURE;
+        }
+    }
+    for w in portico::tls::expiry_warnings(&generation.config) {
+        eprintln!("portico: warning: {w}");
+    }
     print!("{}", portico::describe::describe(&generation.config));
     ExitCode::SUCCESS
 }

@@ -26,6 +26,10 @@ pub const UPSTREAM_FAILURES: &str = "portico_upstream_failures_total";
 pub const CONFIG_RELOADS: &str = "portico_config_reloads_total";
 pub const CONNECTIONS_ACTIVE: &str = "portico_connections_active";
 pub const CONNECTIONS_REFUSED: &str = "portico_connections_refused_total";
+/// notAfter of the certificate each site serves; `source` is file|acme|self-signed.
+pub const CERTIFICATE_EXPIRY: &str = "portico_certificate_expiry_timestamp_seconds";
+/// ACME orders per site by result (ok|error).
+pub const ACME_ORDERS: &str = "portico_acme_orders_total";
 
 /// First byte: 1 ms to 60 s, roughly x2.5 per step (LLM first tokens take seconds).
 const FIRST_BYTE_BUCKETS: &[f64] = &[
@@ -53,6 +57,11 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 fn describe() {
+    describe_gauge!(CERTIFICATE_EXPIRY, Unit::Seconds, "Expiry (notAfter, Unix time) of the certificate each site serves, by source (file|acme|self-signed); a source no longer served reads NaN.");
+    describe_counter!(
+        ACME_ORDERS,
+        "ACME certificate orders per site by result (ok|error)."
+    );
     describe_counter!(CONNECTIONS, "Accepted connections by listener, matched route and action (pass|terminate|redirect|reject).");
     describe_counter!(
         CLIENT_HELLO_FAILURES,

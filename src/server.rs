@@ -32,6 +32,19 @@ pub struct Server {
     ready: Arc<Readiness>,
     /// The status page's view of the config (with the admin listener only).
     status: Option<Arc<crate::status::Status>>,
+    /// Stops the ACME tasks of the current generation.
+    acme: CancellationToken,
+}
+
+/// acme wiring: start a generation's ACME tasks (a child of `shutdown`, so
+/// they stop with the process) and log certificate files close to expiry.
+fn start_generation_tasks(cfg: &config::Config, shutdown: &CancellationToken) -> CancellationToken {
+    for w in crate::tls::expiry_warnings(cfg) {
+        warn!("{w}");
+    }
+    let stop = shutdown.child_token();
+    crate::acme::start(cfg, stop.clone());
+    stop
 }
 
 impl Server {
@@ -49,10 +62,13 @@ impl Server {
             listeners: BTreeMap::new(),
             ready: ready.clone(),
             status: None,
+            acme: CancellationToken::new(),
         };
         for l in &cfg.listeners {
             server.open(l.addr)?;
         }
+        // After binding: the CA may validate as soon as an order is placed.
+        server.acme = start_generation_tasks(&cfg, &server.shared.life.shutdown);
         if let Some(handle) = metrics.clone() {
             // Histogram samples queue up in the recorder until upkeep folds
             // them into buckets: without it memory grows with every request.
@@ -161,6 +177,8 @@ impl Server {
         if generation.config.limits.max_connections != old.config.limits.max_connections {
             warn!("limits.max_connections changes take effect at restart");
         }
+        let acme = start_generation_tasks(&generation.config, &self.shared.life.shutdown);
+        std::mem::replace(&mut self.acme, acme).cancel();
         self.shared.current.store(Arc::new(generation));
         let removed: Vec<SocketAddr> = self
             .listeners

@@ -16,7 +16,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{CertSource, Site, SniPattern};
+use crate::config::{CertSource, Config, Site, SniPattern};
 
 /// Always answers with the site's one certificate chain.
 #[derive(Debug)]
@@ -60,16 +60,27 @@ pub fn secure_random(buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFail
 
 /// Build the site's TLS config; the error says which file and what is wrong.
 pub fn server_config(site: &Site) -> Result<Arc<ServerConfig>, String> {
-    let key = match &site.cert {
-        CertSource::Files { cert, key } => load_pair(cert, key)?,
-        CertSource::SelfSigned => self_signed(&site.names)?,
+    let resolver: Arc<dyn ResolvesServerCert> = match &site.cert {
+        CertSource::Files { cert, key } => {
+            let pair = load_pair(cert, key)?;
+            publish_expiry(site, &pair, crate::acme::Source::File);
+            Arc::new(SiteCert(Arc::new(pair)))
+        }
+        CertSource::SelfSigned => {
+            let pair = self_signed(&site.names)?;
+            publish_expiry(site, &pair, crate::acme::Source::SelfSigned);
+            Arc::new(SiteCert(Arc::new(pair)))
+        }
+        // acme wiring: the site's certificate slot, which issuance and
+        // renewal swap under running listeners.
+        CertSource::Acme(acme) => crate::acme::resolver(site, acme)?,
     };
     let provider = Arc::new(provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| format!("TLS setup: {e}"))?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SiteCert(Arc::new(key))));
+        .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.ignore_client_order = true;
     // Stateless resumption; rotation every 6 h is the ticketer's default.
@@ -78,6 +89,60 @@ pub fn server_config(site: &Site) -> Result<Arc<ServerConfig>, String> {
     cfg.send_tls13_tickets = 1;
     Ok(Arc::new(cfg))
 }
+
+/// `portico_certificate_expiry_timestamp_seconds` of a file or self-signed site.
+fn publish_expiry(site: &Site, pair: &CertifiedKey, source: crate::acme::Source) {
+    let Some(leaf) = pair.cert.first() else {
+        return;
+    };
+    if let Ok((_, not_after, _)) = crate::acme::cert::inspect(leaf) {
+        let secs = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!(crate::metrics::CERTIFICATE_EXPIRY, "site" => site.name.clone(), "source" => source.as_str())
+            .set(secs);
+    }
+}
+
+/// Certificate files of `cfg` that expire within [`EXPIRY_WARNING`]: one
+/// line each, naming the file and the date. `portico check` prints them and
+/// start-up and reload log them; they never fail the config.
+pub fn expiry_warnings(cfg: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let soon = std::time::SystemTime::now() + EXPIRY_WARNING;
+    for site in cfg.sites.values() {
+        let CertSource::Files { cert, .. } = &site.cert else {
+            continue;
+        };
+        let Some(Ok(leaf)) = CertificateDer::pem_file_iter(cert)
+            .ok()
+            .and_then(|mut i| i.next())
+        else {
+            continue;
+        };
+        let Ok((_, not_after, _)) = crate::acme::cert::inspect(&leaf) else {
+            continue;
+        };
+        if not_after < soon {
+            let date = humantime::format_rfc3339_seconds(not_after);
+            let verb = if not_after < std::time::SystemTime::now() {
+                "expired"
+            } else {
+                "expires"
+            };
+            out.push(format!(
+                "certificate {} (site.{}.cert) {verb} on {date}",
+                cert.display(),
+                site.name
+            ));
+        }
+    }
+    out
+}
+
+/// Warn this long before a certificate file expires (certbot renews 30
+/// days ahead, so a file this close to its end means renewal is broken).
+pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(14 * 86400);
 
 fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)

@@ -120,6 +120,8 @@ const FAMILIES: &[(&str, &str)] = &[
     ("portico_config_reloads_total", "counter"),
     ("portico_connections_active", "gauge"),
     ("portico_connections_refused_total", "counter"),
+    ("portico_certificate_expiry_timestamp_seconds", "gauge"),
+    ("portico_acme_orders_total", "counter"),
 ];
 
 // ---------------------------------------------------------------- exposition parsing

@@ -2,6 +2,7 @@
 //! the checked types below, which the rest of portico uses. Every error names
 //! the file, the key path (`route[3].pass`) and the reason, on one line.
 
+pub mod acme;
 pub mod raw;
 mod validate;
 
@@ -168,6 +169,8 @@ pub struct Config {
     pub backends: BTreeMap<String, Arc<Backend>>,
     pub sites: BTreeMap<String, Arc<Site>>,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// `[acme]`: present when the section is, or when a site has `cert = "acme"`.
+    pub acme: Option<Arc<acme::Acme>>,
 }
 
 impl Config {
@@ -522,8 +525,13 @@ pub struct Backend {
 /// Where a site's certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CertSource {
-    Files { cert: PathBuf, key: PathBuf },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
     SelfSigned,
+    /// `cert = "acme"`: issued and renewed for the site's exact names.
+    Acme(Arc<acme::Acme>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -40,6 +40,20 @@ pub struct RawConfig {
     pub site: BTreeMap<String, RawSite>,
     #[serde(default)]
     pub upstream: BTreeMap<String, RawUpstream>,
+    pub acme: Option<RawAcme>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    pub email: Option<String>,
+    pub directory: Option<String>,
+    pub storage: Option<String>,
+    pub ca: Option<String>,
+    pub challenge: Option<String>,
+    /// First retry delay after a failed order (doubles per failure, capped).
+    #[serde(default, with = "humantime_serde")]
+    pub retry: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -228,6 +228,22 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
             ));
         }
     }
+    let acme = if raw.acme.is_some() || raw.site.values().any(|s| s.cert == "acme") {
+        let default = super::raw::RawAcme::default();
+        let section = raw.acme.as_ref().unwrap_or(&default);
+        let acme = super::acme::validate(section, source)?;
+        let http_route = routes.iter().any(|r| r.action == Action::Redirect);
+        if acme.challenge == super::acme::Challenge::Http01 && !http_route {
+            return Err(cx.err(
+                "acme.challenge",
+                "\"http-01\" is answered on a protocol = \"http\" redirect route (port 80), and there is none; add one or use \"tls-alpn-01\"",
+            ));
+        }
+        Some(Arc::new(acme))
+    } else {
+        None
+    };
+
     // Sites: names come from the routes that terminate there.
     let mut sites = BTreeMap::new();
     for (name, s) in &raw.site {
@@ -249,10 +265,21 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
                 }
             }
         }
+        if s.cert == "acme" {
+            acme_names(&cx, &key, name, &terminating)?;
+        }
         sites.insert(
             name.clone(),
             Arc::new(site(
-                &cx, &key, name, s, names, any_name, &backends, &upstreams,
+                &cx,
+                &key,
+                name,
+                s,
+                names,
+                any_name,
+                &backends,
+                &upstreams,
+                acme.as_ref(),
             )?),
         );
     }
@@ -274,7 +301,35 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
         backends,
         sites,
         upstreams,
+        acme,
     })
+}
+
+/// `cert = "acme"` needs exact names: wildcards need DNS-01, which portico
+/// does not do.
+fn acme_names(cx: &Ctx, key: &str, name: &str, terminating: &[&Route]) -> Result<(), ConfigError> {
+    let exact = terminating
+        .iter()
+        .flat_map(|r| &r.matcher.sni)
+        .any(|p| matches!(p, SniPattern::Exact(_)));
+    if !exact {
+        let Some(r) = terminating.first() else {
+            return Err(cx.err(
+                format!("{key}.cert"),
+                format!("cert = \"acme\" needs the exact names of the routes that terminate at site {name:?}, and no route does"),
+            ));
+        };
+        let what = if r.matcher.sni.is_empty() {
+            "has no sni"
+        } else {
+            "has only wildcard names (wildcards need the DNS-01 challenge, which portico does not do)"
+        };
+        return Err(cx.err(
+            format!("route[{}].sni", r.index),
+            format!("site {name:?} has cert = \"acme\", which is issued for exact names, and this route {what}; list the exact names (e.g. sni = [\"api.example.com\"])"),
+        ));
+    }
+    Ok(())
 }
 
 fn positive(
@@ -532,8 +587,21 @@ fn site(
     any_name: bool,
     backends: &BTreeMap<String, Arc<Backend>>,
     upstreams: &BTreeMap<String, Arc<Upstream>>,
+    acme: Option<&Arc<super::acme::Acme>>,
 ) -> Result<Site, ConfigError> {
-    let cert = if s.cert == "self-signed" {
+    let cert = if s.cert == "acme" {
+        if s.key.is_some() {
+            return Err(cx.err(
+                format!("{key}.key"),
+                "an acme site has no key file (portico keeps the key under acme.storage)",
+            ));
+        }
+        // Always Some here: validate builds it when any site says "acme".
+        match acme {
+            Some(a) => CertSource::Acme(a.clone()),
+            None => return Err(cx.err(format!("{key}.cert"), "cert = \"acme\" needs [acme]")),
+        }
+    } else if s.cert == "self-signed" {
         if s.key.is_some() {
             return Err(cx.err(format!("{key}.key"), "a self-signed site has no key file"));
         }

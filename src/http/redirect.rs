@@ -47,6 +47,10 @@ pub async fn serve<I>(
 }
 
 fn redirect_response(req: &Request<Incoming>) -> Response<Full<bytes::Bytes>> {
+    // HTTP-01 challenges of pending ACME orders are answered before redirecting.
+    if let Some(r) = crate::acme::http01_response(req.uri().path()) {
+        return r;
+    }
     let host = req
         .headers()
         .get(header::HOST)

@@ -51,6 +51,15 @@ pub fn certificate_info(site: &Site) -> CertInfo {
                 },
             }
         }
+        // The ACME slot's expiry comes from its
+        // portico_certificate_expiry_timestamp_seconds series.
+        CertSource::Acme(_) => CertInfo {
+            source: "acme",
+            path: None,
+            names: site.names.iter().map(|n| n.to_string()).collect(),
+            not_after: None,
+            error: None,
+        },
         CertSource::SelfSigned => CertInfo {
             source: "self-signed",
             path: None,
