@@ -57,11 +57,13 @@ url = "http://{upstream}"
 }
 
 /// A recording upstream and portico running [`site_config`] with `extra`
-/// on a fresh address.
+/// on a port portico chose (its site listener is the last `[[listen]]`).
 async fn start_site(extra: &str) -> (RecordingUpstream, SocketAddr, Portico) {
     let up = RecordingUpstream::start().await;
-    let addr = free_addr();
-    let p = Portico::start(&site_config(addr, up.addr, extra)).await;
+    // Port 0: portico binds a free port and logs it (no race for a port).
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let p = Portico::start(&site_config(any, up.addr, extra)).await;
+    let addr = *p.listening().last().expect("portico logged its listener");
     (up, addr, p)
 }
 
