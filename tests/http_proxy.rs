@@ -1385,6 +1385,9 @@ upstream_connect = "300ms"
         assert!(total <= MIB, "origin received {total} bytes, over max_body");
         assert!(error.is_some(), "the cut body ended cleanly at the origin");
 
+        // Absence check: the 413 for a declared Content-Length is answered
+        // before any upstream request, so one would already have arrived;
+        // 200 ms more covers one still in flight on a loaded machine.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
             origin.seen_target("/up/declared/slow-upload").is_empty(),

@@ -1028,6 +1028,9 @@ async fn refused_upgrade_is_relayed_and_disabled_websocket_gets_426() {
         let (h2_text, _send) = h2.refused("/nows", StatusCode::UPGRADE_REQUIRED).await;
         assert_eq!(h2_text, body, "same one-line body over h2");
 
+        // Absence check: the 426 is answered before any upstream connect,
+        // so a connection would already be there; 200 ms more covers one
+        // still in flight on a loaded machine.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
             env.echo.accepted.load(Ordering::SeqCst),
