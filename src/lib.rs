@@ -18,8 +18,9 @@
 //! Below them all: `config` (the checked model), `lifecycle` (shutdown, hard
 //! stop, task tracker), `dial` (the one way to connect, TCP or Unix), `io`
 //! (peek replay, meters, the idle-aware pump), `splice`, `tls`, `metrics`.
-//! `admin` serves /metrics beside the flow. `.ci/run` checks that no import
-//! cycle comes back.
+//! `admin` serves /metrics beside the flow; `describe` prints the route table
+//! for `portico check`. `tests/module_graph.rs` (run first by `.ci/run`)
+//! fails when an import cycle comes back.
 #![forbid(unsafe_code)]
 
 pub mod admin;

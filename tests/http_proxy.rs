@@ -38,8 +38,8 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
 use common::{
-    api_config, bounded, connect, empty, free_addr, full, rss_kib, BoxError, Portico, TempDir,
-    TestBody,
+    any_port, api_config, bounded, connect, empty, free_addr, full, rss_kib, BoxError, Portico,
+    TempDir, TestBody,
 };
 
 /// Write: this test runs alone in this binary. Read: shares with the others.
@@ -841,8 +841,11 @@ fn proxy_config(listen: SocketAddr, origin_url: &str) -> String {
 /// to it ([`proxy_config`]).
 async fn proxied_origin() -> (Origin, SocketAddr, Portico) {
     let origin = Origin::tcp(OriginProto::Http1).await;
-    let listen = free_addr();
-    let portico = Portico::start(&proxy_config(listen, &origin.url)).await;
+    let portico = Portico::start(&proxy_config(any_port(), &origin.url)).await;
+    let listen = *portico
+        .listening()
+        .last()
+        .expect("portico logged its listener");
     (origin, listen, portico)
 }
 

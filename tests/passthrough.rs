@@ -46,7 +46,7 @@ fn assert_metric(m: &str, name: &str, labels: &[(&str, &str)], want: f64) {
 /// `[timeouts]` table, or "" for the defaults.
 async fn start_tunnel(timeouts: &str) -> (RawBackend, SocketAddr, Portico) {
     let backend = RawBackend::tcp(Expect::None).await;
-    let listen = free_addr();
+    let listen = any_port();
     let p = Portico::start(&format!(
         r#"
 {timeouts}
@@ -63,6 +63,7 @@ addr = "{}"
         backend.addr
     ))
     .await;
+    let listen = *p.listening().last().expect("portico logged its listener");
     (backend, listen, p)
 }
 
@@ -432,7 +433,7 @@ proxy_protocol = "v2"
 /// and passes `tunnel.test` to a raw backend expecting a v1 header.
 async fn start_inbound(trusted: &str) -> (RawBackend, SocketAddr, Portico) {
     let backend = RawBackend::tcp(Expect::V1).await;
-    let listen = free_addr();
+    let listen = any_port();
     let p = Portico::start(&format!(
         r#"
 [timeouts]
@@ -454,6 +455,7 @@ proxy_protocol = "v1"
         backend.addr
     ))
     .await;
+    let listen = *p.listening().last().expect("portico logged its listener");
     (backend, listen, p)
 }
 

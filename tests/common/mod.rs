@@ -43,6 +43,12 @@ pub fn free_addr() -> SocketAddr {
         .expect("bind 127.0.0.1:0")
 }
 
+/// `127.0.0.1:0` for a `[[listen]]`: portico binds a free port and logs it
+/// (read it back with [`Portico::listening`]); nothing races for the port.
+pub fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
 /// Same on `[::1]`.
 pub fn free_addr_v6() -> SocketAddr {
     StdTcpListener::bind("[::1]:0")
