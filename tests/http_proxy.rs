@@ -1680,8 +1680,9 @@ async fn unix_socket_upstream() {
     bounded(20, async {
         let dir = TempDir::new();
         let origin = Origin::unix(&dir.path().join("o.sock")).await;
-        let listen = free_addr();
+        let listen = any_port();
         let _p = Portico::start(&proxy_config(listen, &origin.url)).await;
+        let listen = *_p.listening().last().expect("portico logged its listener");
         for proto in [Proto::H1, Proto::H2] {
             let mut c = Client::connect(listen, proto).await;
             let path = format!("/unix/{}", proto.name());
@@ -2009,8 +2010,12 @@ async fn a_closed_pooled_connection_is_retried_only_for_safe_requests() {
     let _guard = SERIAL.read().await;
     bounded(30, async {
         let (origin, seen) = one_answer_origin().await;
-        let listen = free_addr();
+        let listen = any_port();
         let portico = Portico::start(&proxy_config(listen, &format!("http://{origin}"))).await;
+        let listen = *portico
+            .listening()
+            .last()
+            .expect("portico logged its listener");
         let mut c = Client::connect(listen, Proto::H1).await;
 
         // GET, GET: the second goes out on the pooled connection, which the
