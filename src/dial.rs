@@ -122,3 +122,65 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn tcp_and_unix_give_one_stream_type() {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp_addr = Address::Tcp(tcp.local_addr().unwrap().to_string());
+        let dir = std::env::temp_dir().join(format!("portico-dial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let unix = tokio::net::UnixListener::bind(&path).unwrap();
+        let unix_addr = Address::Unix(path.clone());
+        tokio::spawn(async move {
+            let (mut s, _) = tcp.accept().await.unwrap();
+            s.write_all(b"tcp").await.unwrap();
+        });
+        tokio::spawn(async move {
+            let (mut s, _) = unix.accept().await.unwrap();
+            s.write_all(b"unix").await.unwrap();
+        });
+        for (addr, want) in [(tcp_addr, "tcp"), (unix_addr, "unix")] {
+            let mut s = connect(&addr, Duration::from_secs(5)).await.unwrap();
+            let mut got = String::new();
+            s.read_to_string(&mut got).await.unwrap();
+            assert_eq!(got, want);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn refused_names_the_address_and_keeps_the_cause() {
+        // Bound, then released: nothing listens there.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let err = connect(&Address::Tcp(addr.to_string()), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!("connect to {addr}: ")),
+            "{err}"
+        );
+        let source = std::error::Error::source(&err).expect("io::Error source");
+        let io = source.downcast_ref::<io::Error>().expect("an io::Error");
+        assert_eq!(io.kind(), io::ErrorKind::ConnectionRefused);
+        let err = connect(
+            &Address::Unix("/nonexistent/portico.sock".into()),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("connect to unix:/nonexistent/portico.sock: "),
+            "{err}"
+        );
+    }
+}

@@ -55,10 +55,10 @@ pub fn prepare(cfg: Config) -> Result<Generation, ConfigError> {
         .collect();
     let mut sites: BTreeMap<&str, Arc<TerminatedSite>> = BTreeMap::new();
     for (name, site) in &cfg.sites {
-        let tls = crate::tls::server_config(site).map_err(|reason| ConfigError {
+        let tls = crate::tls::server_config(site).map_err(|e| ConfigError {
             source: cfg.source.clone(),
             key: format!("site.{name}.cert"),
-            reason,
+            reason: e.to_string(),
         })?;
         let http = SiteRuntime::new(
             site.clone(),

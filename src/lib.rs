@@ -20,8 +20,10 @@
 //! (peek replay, meters, the idle-aware pump), `splice`, `tls`, `metrics`.
 //! `acme` obtains and renews certificates: `conn` asks it for TLS-ALPN-01
 //! answers before routing, `http::redirect` for HTTP-01, `tls` reads its
-//! certificate slots. `admin` serves /metrics, and `status` the status page and API, beside the
-//! flow; `recent_errors` keeps the last failures for them. `.ci/run` checks that no import
+//! certificate slots. `admin` serves /metrics, and `status` the status page
+//! and API, beside the flow; `recent_errors` keeps the last failures for
+//! them. `describe` prints the route table for `portico check`.
+//! `tests/module_graph.rs` (run first by `.ci/run`) fails when an import
 //! cycle comes back.
 #![forbid(unsafe_code)]
 

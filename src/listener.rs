@@ -48,8 +48,9 @@ pub async fn accept_loop(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    // The configured address, as a label for metrics and logs.
-    let label: Arc<str> = Arc::from(addr.to_string());
+    // The bound address, as a label for metrics and logs (the configured
+    // one, unless it asked for port 0).
+    let label: Arc<str> = Arc::from(listener.local_addr().unwrap_or(addr).to_string());
     let active_gauge = metrics::gauge!(m::CONNECTIONS_ACTIVE, "listener" => label.clone());
     loop {
         let accepted = tokio::select! {

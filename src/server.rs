@@ -86,6 +86,8 @@ impl Server {
         if let (Some(addr), Some(handle)) = (cfg.admin.metrics, metrics) {
             let sock =
                 admin::bind(addr).with_context(|| format!("cannot bind admin.listen {addr}"))?;
+            // The bound address: port 0 in the config gets a free port.
+            let addr = sock.local_addr().unwrap_or(addr);
             info!(%addr, "metrics on http://{addr}/metrics, status page on http://{addr}/");
             crate::status::warn_if_exposed(addr, &cfg.admin);
             let status = crate::status::Status::new(handle.clone(), cfg.clone());
@@ -107,7 +109,10 @@ impl Server {
         let sock =
             listener::bind(addr).with_context(|| format!("cannot bind listen address {addr}"))?;
         let stop = self.shared.life.shutdown.child_token();
-        info!(%addr, "listening");
+        // The bound address (port 0 in the config gets a free port); the
+        // configured one stays the listener's key for reloads.
+        let bound = sock.local_addr().unwrap_or(addr);
+        info!(addr = %bound, "listening");
         tokio::spawn(listener::accept_loop(
             sock,
             addr,

@@ -6,14 +6,14 @@
 //! and wildcard certificates share one port, with no wildcard certificate
 //! needed to cover them all.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::aws_lc_rs;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{CertSource, Config, Site, SniPattern};
@@ -58,8 +58,59 @@ pub fn secure_random(buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFail
     PROVIDER.secure_random.fill(buf)
 }
 
+/// Why a site's TLS config could not be built; the message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificate {}: {}", path.display(), pem_detail(source))]
+    ReadCert {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("certificate {}: {}", path.display(), pem_detail(source))]
+    BadCert {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("certificate {}: no PEM certificate in the file", path.display())]
+    NoCert { path: PathBuf },
+    #[error("key {}: no private key (PKCS#8, RSA or EC PEM) in the file", path.display())]
+    NoKey { path: PathBuf },
+    #[error("cannot read key {}: {}", path.display(), pem_detail(source))]
+    ReadKey {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("key {}: unsupported private key: {source}", path.display())]
+    UnsupportedKey {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("key {} does not belong to certificate {} (wrong file pair?)", key.display(), cert.display())]
+    Mismatch {
+        key: PathBuf,
+        cert: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("self-signed certificate: {0}")]
+    Generate(#[source] rcgen::Error),
+    #[error("self-signed key: {0}")]
+    GeneratedKey(#[source] rustls::Error),
+    #[error("TLS setup: {0}")]
+    Setup(#[source] rustls::Error),
+    #[error("TLS ticketer: {0}")]
+    Ticketer(#[source] rustls::Error),
+    /// The ACME certificate slot could not be set up (its message names the site).
+    #[error("{0}")]
+    Acme(String),
+}
+
 /// Build the site's TLS config; the error says which file and what is wrong.
-pub fn server_config(site: &Site) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(site: &Site) -> Result<Arc<ServerConfig>, TlsError> {
     let resolver: Arc<dyn ResolvesServerCert> = match &site.cert {
         CertSource::Files { cert, key } => {
             let pair = load_pair(cert, key)?;
@@ -73,18 +124,18 @@ pub fn server_config(site: &Site) -> Result<Arc<ServerConfig>, String> {
         }
         // acme wiring: the site's certificate slot, which issuance and
         // renewal swap under running listeners.
-        CertSource::Acme(acme) => crate::acme::resolver(site, acme)?,
+        CertSource::Acme(acme) => crate::acme::resolver(site, acme).map_err(TlsError::Acme)?,
     };
     let provider = Arc::new(provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("TLS setup: {e}"))?
+        .map_err(TlsError::Setup)?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.ignore_client_order = true;
     // Stateless resumption; rotation every 6 h is the ticketer's default.
-    cfg.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| format!("TLS ticketer: {e}"))?;
+    cfg.ticketer = aws_lc_rs::Ticketer::new().map_err(TlsError::Ticketer)?;
     // One ticket is enough for a proxy client; each costs an encryption.
     cfg.send_tls13_tickets = 1;
     Ok(Arc::new(cfg))
@@ -144,62 +195,63 @@ pub fn expiry_warnings(cfg: &Config) -> Vec<String> {
 /// days ahead, so a file this close to its end means renewal is broken).
 pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(14 * 86400);
 
-fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| {
-            format!(
-                "cannot read certificate {}: {}",
-                cert.display(),
-                pem_error(&e)
-            )
+        .map_err(|source| TlsError::ReadCert {
+            path: cert.to_path_buf(),
+            source,
         })?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate {}: {}", cert.display(), pem_error(&e)))?;
+        .map_err(|source| TlsError::BadCert {
+            path: cert.to_path_buf(),
+            source,
+        })?;
     if chain.is_empty() {
-        return Err(format!(
-            "certificate {}: no PEM certificate in the file",
-            cert.display()
-        ));
+        return Err(TlsError::NoCert {
+            path: cert.to_path_buf(),
+        });
     }
     let der = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
-        rustls_pki_types::pem::Error::NoItemsFound => format!(
-            "key {}: no private key (PKCS#8, RSA or EC PEM) in the file",
-            key.display()
-        ),
-        other => format!("cannot read key {}: {}", key.display(), pem_error(&other)),
+        pem::Error::NoItemsFound => TlsError::NoKey {
+            path: key.to_path_buf(),
+        },
+        source => TlsError::ReadKey {
+            path: key.to_path_buf(),
+            source,
+        },
     })?;
-    let signing = aws_lc_rs::sign::any_supported_type(&der)
-        .map_err(|e| format!("key {}: unsupported private key: {e}", key.display()))?;
+    let signing =
+        aws_lc_rs::sign::any_supported_type(&der).map_err(|source| TlsError::UnsupportedKey {
+            path: key.to_path_buf(),
+            source,
+        })?;
     let ck = CertifiedKey::new(chain, signing);
-    ck.keys_match().map_err(|_| {
-        format!(
-            "key {} does not belong to certificate {} (wrong file pair?)",
-            key.display(),
-            cert.display()
-        )
+    ck.keys_match().map_err(|source| TlsError::Mismatch {
+        key: key.to_path_buf(),
+        cert: cert.to_path_buf(),
+        source,
     })?;
     Ok(ck)
 }
 
-fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+/// The useful part of a PEM error: the I/O error's text, else its kind.
+fn pem_detail(e: &pem::Error) -> String {
     match e {
-        rustls_pki_types::pem::Error::Io(io) => io.to_string(),
+        pem::Error::Io(io) => io.to_string(),
         other => format!("{other:?}"),
     }
 }
 
 /// A self-signed ECDSA P-256 certificate for the site's names
 /// (`localhost` when the site takes any name).
-fn self_signed(names: &[SniPattern]) -> Result<CertifiedKey, String> {
+fn self_signed(names: &[SniPattern]) -> Result<CertifiedKey, TlsError> {
     let mut sans: Vec<String> = names.iter().map(|p| p.to_string()).collect();
     if sans.is_empty() {
         sans.push("localhost".into());
     }
-    let generated = rcgen::generate_simple_self_signed(sans)
-        .map_err(|e| format!("self-signed certificate: {e}"))?;
+    let generated = rcgen::generate_simple_self_signed(sans).map_err(TlsError::Generate)?;
     let key_der = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
-    let signing = aws_lc_rs::sign::any_supported_type(&key_der)
-        .map_err(|e| format!("self-signed key: {e}"))?;
+    let signing = aws_lc_rs::sign::any_supported_type(&key_der).map_err(TlsError::GeneratedKey)?;
     Ok(CertifiedKey::new(
         vec![generated.cert.der().clone()],
         signing,

@@ -57,11 +57,13 @@ url = "http://{upstream}"
 }
 
 /// A recording upstream and portico running [`site_config`] with `extra`
-/// on a fresh address.
+/// on a port portico chose (its site listener is the last `[[listen]]`).
 async fn start_site(extra: &str) -> (RecordingUpstream, SocketAddr, Portico) {
     let up = RecordingUpstream::start().await;
-    let addr = free_addr();
-    let p = Portico::start(&site_config(addr, up.addr, extra)).await;
+    // Port 0: portico binds a free port and logs it (no race for a port).
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let p = Portico::start(&site_config(any, up.addr, extra)).await;
+    let addr = *p.listening().last().expect("portico logged its listener");
     (up, addr, p)
 }
 
@@ -452,7 +454,21 @@ async fn max_pending_hellos_refuses_the_next_silent_connection() {
 
         // A client that finishes its hello frees its slot: the next one is served.
         drop(held.pop());
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Its slot is free once portico has seen it leave: its connection
+        // task ends (the active gauge drops to the two still held).
+        let listener = addr.to_string();
+        let started = Instant::now();
+        while p
+            .metric("portico_connections_active", &[("listener", &listener)])
+            .await
+            > 2.0
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "portico did not notice the client that left"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let (status, _) = timed_get(addr, "/ok").await;
         assert_eq!(status, 200);
         drop(held);
@@ -1132,6 +1148,8 @@ async fn run_attack(addr: SocketAddr, up: &RecordingUpstream, a: &Attack) -> Obs
     let mut s = h1_sent(addr, &format!("{}{NEXT}", a.bytes)).await;
     let status = read_head(&mut s).await.map(|h| h.0);
     let closed = closes_within(&mut s, Duration::from_millis(500)).await;
+    // Absence check on the upstream record: portico has answered or closed,
+    // so anything it forwarded was sent already; 50 ms lets it arrive.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let rec = up.snapshot();
     let targets = short_targets(&rec, 24);

@@ -38,8 +38,8 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
 use common::{
-    api_config, bounded, connect, empty, free_addr, full, rss_kib, BoxError, Portico, TempDir,
-    TestBody,
+    any_port, api_config, bounded, connect, empty, free_addr, full, rss_kib, BoxError, Portico,
+    TempDir, TestBody,
 };
 
 /// Write: this test runs alone in this binary. Read: shares with the others.
@@ -841,8 +841,11 @@ fn proxy_config(listen: SocketAddr, origin_url: &str) -> String {
 /// to it ([`proxy_config`]).
 async fn proxied_origin() -> (Origin, SocketAddr, Portico) {
     let origin = Origin::tcp(OriginProto::Http1).await;
-    let listen = free_addr();
-    let portico = Portico::start(&proxy_config(listen, &origin.url)).await;
+    let portico = Portico::start(&proxy_config(any_port(), &origin.url)).await;
+    let listen = *portico
+        .listening()
+        .last()
+        .expect("portico logged its listener");
     (origin, listen, portico)
 }
 
@@ -1385,6 +1388,9 @@ upstream_connect = "300ms"
         assert!(total <= MIB, "origin received {total} bytes, over max_body");
         assert!(error.is_some(), "the cut body ended cleanly at the origin");
 
+        // Absence check: the 413 for a declared Content-Length is answered
+        // before any upstream request, so one would already have arrived;
+        // 200 ms more covers one still in flight on a loaded machine.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
             origin.seen_target("/up/declared/slow-upload").is_empty(),
@@ -1674,8 +1680,9 @@ async fn unix_socket_upstream() {
     bounded(20, async {
         let dir = TempDir::new();
         let origin = Origin::unix(&dir.path().join("o.sock")).await;
-        let listen = free_addr();
+        let listen = any_port();
         let _p = Portico::start(&proxy_config(listen, &origin.url)).await;
+        let listen = *_p.listening().last().expect("portico logged its listener");
         for proto in [Proto::H1, Proto::H2] {
             let mut c = Client::connect(listen, proto).await;
             let path = format!("/unix/{}", proto.name());
@@ -2003,8 +2010,12 @@ async fn a_closed_pooled_connection_is_retried_only_for_safe_requests() {
     let _guard = SERIAL.read().await;
     bounded(30, async {
         let (origin, seen) = one_answer_origin().await;
-        let listen = free_addr();
+        let listen = any_port();
         let portico = Portico::start(&proxy_config(listen, &format!("http://{origin}"))).await;
+        let listen = *portico
+            .listening()
+            .last()
+            .expect("portico logged its listener");
         let mut c = Client::connect(listen, Proto::H1).await;
 
         // GET, GET: the second goes out on the pooled connection, which the

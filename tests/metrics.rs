@@ -49,8 +49,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use common::{
-    api_config, bounded, empty, free_addr, full, insecure_client_config, insecure_connector,
-    metric_value, pseudo_random, BoxError, Expect, Portico, TestBody,
+    any_port, api_config, bounded, empty, free_addr, full, insecure_client_config,
+    insecure_connector, metric_value, pseudo_random, BoxError, Expect, Portico, TestBody,
 };
 
 // ---------------------------------------------------------------- the mix, in numbers
@@ -2098,7 +2098,7 @@ url = "http://{dead}"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_supplied_strings_never_become_label_values() {
     bounded(60, async {
-        let listen = free_addr();
+        let listen = any_port();
         let p = Portico::start(&api_config(
             listen,
             "",
@@ -2114,6 +2114,7 @@ respond = { status = 200, body = "prefix" }
 "#,
         ))
         .await;
+        let listen = *p.listening().last().expect("portico logged its listener");
         let rnd = pseudo_random(8 * 200, 0xca4d_1a11);
         let token = |i: usize| {
             let b = &rnd[i * 8..i * 8 + 8];

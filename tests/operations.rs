@@ -1463,7 +1463,15 @@ async fn sigterm_does_not_wait_for_connections_that_sent_no_request() {
         half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Both accepted (the gauge counts them) before the signal.
+        let listener = listen.to_string();
+        p.wait_metric_at_least(
+            "portico_connections_active",
+            &[("listener", &listener)],
+            2.0,
+            Duration::from_secs(5),
+        )
+        .await;
         let t0 = Instant::now();
         p.signal("TERM");
         let (status, exited) = timed_exit(&mut p, t0, Duration::from_secs(9)).await;

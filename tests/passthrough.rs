@@ -46,7 +46,7 @@ fn assert_metric(m: &str, name: &str, labels: &[(&str, &str)], want: f64) {
 /// `[timeouts]` table, or "" for the defaults.
 async fn start_tunnel(timeouts: &str) -> (RawBackend, SocketAddr, Portico) {
     let backend = RawBackend::tcp(Expect::None).await;
-    let listen = free_addr();
+    let listen = any_port();
     let p = Portico::start(&format!(
         r#"
 {timeouts}
@@ -63,6 +63,7 @@ addr = "{}"
         backend.addr
     ))
     .await;
+    let listen = *p.listening().last().expect("portico logged its listener");
     (backend, listen, p)
 }
 
@@ -95,7 +96,7 @@ async fn tls_passes_end_to_end_with_v2_and_echoes_a_mebibyte() {
         let cert = TestCert::generate();
         let (tx, mut events) = mpsc::unbounded_channel();
         let echo = TlsEcho::start("echo", &cert, &["h2", "http/1.1"], Expect::V2, tx).await;
-        let listen = free_addr();
+        let listen = any_port();
         let p = Portico::start(&format!(
             r#"
 [[listen]]
@@ -112,6 +113,7 @@ proxy_protocol = "v2"
             echo.addr
         ))
         .await;
+        let listen = *p.listening().last().expect("portico logged its listener");
 
         let connector = tls_connector(&cert, &["h2", "http/1.1"], true);
         let (tls, local) = tls_connect(listen, &connector, "tunnel.test").await;
@@ -196,7 +198,7 @@ async fn alpn_splits_one_sni_between_two_backends() {
         let alpn = ["h2", "http/1.1"];
         let a = TlsEcho::start("A", &cert, &alpn, Expect::None, tx.clone()).await;
         let b = TlsEcho::start("B", &cert, &alpn, Expect::None, tx).await;
-        let listen = free_addr();
+        let listen = any_port();
         let _p = Portico::start(&format!(
             r#"
 [[listen]]
@@ -220,6 +222,7 @@ addr = "{}"
             a.addr, b.addr
         ))
         .await;
+        let listen = *_p.listening().last().expect("portico logged its listener");
 
         let cases: [(&[&str], &str, &[u8]); 2] = [
             (&["h2", "http/1.1"], "A", b"h2"),
@@ -248,7 +251,7 @@ async fn wildcard_sni_and_catch_all_decoy() {
         let (tx, mut events) = mpsc::unbounded_channel();
         let a = TlsEcho::start("A", &cert, &["h2"], Expect::None, tx.clone()).await;
         let decoy = TlsEcho::start("decoy", &cert, &["h2"], Expect::None, tx).await;
-        let listen = free_addr();
+        let listen = any_port();
         let _p = Portico::start(&format!(
             r#"
 [[listen]]
@@ -270,6 +273,7 @@ addr = "{}"
             a.addr, decoy.addr
         ))
         .await;
+        let listen = *_p.listening().last().expect("portico logged its listener");
 
         // (name verified by the client, send SNI?, expected server, SNI the server saw)
         let cases = [
@@ -306,7 +310,7 @@ async fn unix_socket_backend_gets_the_exact_hello_bytes_first() {
     bounded(20, async {
         let dir = TempDir::new();
         let mut backend = RawBackend::unix(&dir.path().join("b.sock"), Expect::None).await;
-        let listen = free_addr();
+        let listen = any_port();
         let _p = Portico::start(&format!(
             r#"
 [[listen]]
@@ -323,6 +327,7 @@ proxy_protocol = "none"
             backend.addr
         ))
         .await;
+        let listen = *_p.listening().last().expect("portico logged its listener");
 
         let mut sent = fixture("curl-default.bin");
         let hello_len = sent.len();
@@ -432,7 +437,7 @@ proxy_protocol = "v2"
 /// and passes `tunnel.test` to a raw backend expecting a v1 header.
 async fn start_inbound(trusted: &str) -> (RawBackend, SocketAddr, Portico) {
     let backend = RawBackend::tcp(Expect::V1).await;
-    let listen = free_addr();
+    let listen = any_port();
     let p = Portico::start(&format!(
         r#"
 [timeouts]
@@ -454,6 +459,7 @@ proxy_protocol = "v1"
         backend.addr
     ))
     .await;
+    let listen = *p.listening().last().expect("portico logged its listener");
     (backend, listen, p)
 }
 
@@ -564,7 +570,7 @@ async fn slow_hello_one_byte_at_a_time_still_routes_by_sni() {
     bounded(30, async {
         let mut tunnel = RawBackend::tcp(Expect::None).await;
         let mut decoy = RawBackend::tcp(Expect::None).await;
-        let listen = free_addr();
+        let listen = any_port();
         let _p = Portico::start(&format!(
             r#"
 [timeouts]
@@ -589,6 +595,7 @@ addr = "{}"
             tunnel.addr, decoy.addr
         ))
         .await;
+        let listen = *_p.listening().last().expect("portico logged its listener");
 
         let hello = fixture("chromium-default.bin");
         assert_eq!(hello.len(), 2015);
@@ -785,8 +792,9 @@ addr = "{addr}"
 async fn unreachable_backend_closes_the_client_and_is_counted() {
     bounded(20, async {
         let gone = free_addr();
-        let listen = free_addr();
+        let listen = any_port();
         let p = Portico::start(&unreachable_config(listen, gone)).await;
+        let listen = *p.listening().last().expect("portico logged its listener");
         let mut client = connect(listen).await;
         client
             .write_all(&fixture("curl-default.bin"))

@@ -42,8 +42,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use common::{
-    api_config, bounded, checksum, free_addr, insecure_connector, pseudo_random,
-    raise_nofile_limit, Portico,
+    api_config, bounded, checksum, insecure_connector, pseudo_random, raise_nofile_limit, Portico,
 };
 
 /// Write: this test runs alone in this binary. Read: shares with the others.
@@ -375,7 +374,6 @@ impl Env {
         let echo = WsUpstream::start(echo_config).await;
         let refuser = RawUpstream::start(RawKind::Refuse).await;
         let resetter = RawUpstream::start(RawKind::ResetAfterUpgrade).await;
-        let addr = free_addr();
         let locations = format!(
             r#"
 [[site.api.location]]
@@ -422,7 +420,13 @@ url = "http://{}"
 "#,
             echo.addr, refuser.addr, resetter.addr
         );
-        let portico = Portico::start(&api_config(addr, "", &locations)).await;
+        // Port 0: portico binds a free port and logs it (no race for a port).
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let portico = Portico::start(&api_config(any, "", &locations)).await;
+        let addr = *portico
+            .listening()
+            .last()
+            .expect("portico logged its listener");
         Env {
             portico,
             addr,
@@ -1024,6 +1028,9 @@ async fn refused_upgrade_is_relayed_and_disabled_websocket_gets_426() {
         let (h2_text, _send) = h2.refused("/nows", StatusCode::UPGRADE_REQUIRED).await;
         assert_eq!(h2_text, body, "same one-line body over h2");
 
+        // Absence check: the 426 is answered before any upstream connect,
+        // so a connection would already be there; 200 ms more covers one
+        // still in flight on a loaded machine.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
             env.echo.accepted.load(Ordering::SeqCst),

@@ -200,6 +200,15 @@ fn overlapping_listener_names_its_own_index() {
         "listen[2].addr",
         "[::]:9000 overlaps [::1]:9000 on the same port",
     );
+    // Port 0 asks the kernel for a free port: never the same port.
+    load_str(
+        &cfg(
+            "",
+            "[[listen]]\naddr = \"0.0.0.0:0\"\n[[listen]]\naddr = \"127.0.0.2:0\"",
+        ),
+        FILE,
+    )
+    .unwrap();
     // Different families do not overlap (IPV6_V6ONLY).
     load_str(
         &cfg(

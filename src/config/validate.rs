@@ -166,6 +166,7 @@ pub fn validate(raw: RawConfig, source: &str) -> Result<Config, ConfigError> {
     for (j, b) in listeners.iter().enumerate() {
         for a in &listeners[..j] {
             if a.addr.port() == b.addr.port()
+                && a.addr.port() != 0
                 && a.addr.is_ipv4() == b.addr.is_ipv4()
                 && (a.addr.ip().is_unspecified() || b.addr.ip().is_unspecified())
             {

@@ -43,6 +43,12 @@ pub fn free_addr() -> SocketAddr {
         .expect("bind 127.0.0.1:0")
 }
 
+/// `127.0.0.1:0` for a `[[listen]]`: portico binds a free port and logs it
+/// (read it back with [`Portico::listening`]); nothing races for the port.
+pub fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
 /// Same on `[::1]`.
 pub fn free_addr_v6() -> SocketAddr {
     StdTcpListener::bind("[::1]:0")
@@ -105,8 +111,35 @@ pub struct Portico {
     pub dir: TempDir,
     pub config_path: PathBuf,
     pub stderr_path: PathBuf,
-    /// The admin listener (always configured by the harness).
+    /// The admin listener (always configured by the harness). Until the
+    /// process has logged the port it bound (see [`Portico::wait_ready`]),
+    /// the configured `127.0.0.1:0`.
     pub metrics: SocketAddr,
+}
+
+/// The admin address the harness configures: port 0, so portico binds a free
+/// port itself and no test races another for it; the bound address is read
+/// from its "metrics on http://ADDR/metrics" log line.
+const ADMIN_ANY_PORT: &str = "127.0.0.1:0";
+
+/// Addresses in portico's log lines whose message contains `message`: the
+/// `addr` field of text (`addr=ADDR`) or JSON (`"addr":"ADDR"`) lines.
+pub fn logged_addrs(stderr: &str, message: &str) -> Vec<SocketAddr> {
+    stderr
+        .lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| {
+            let rest = if let Some(i) = l.find("\"addr\":\"") {
+                &l[i + 8..]
+            } else {
+                &l[l.find("addr=")? + 5..]
+            };
+            let end = rest
+                .find(|c: char| c == '"' || c.is_whitespace())
+                .unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        })
+        .collect()
 }
 
 impl Portico {
@@ -117,8 +150,8 @@ impl Portico {
     /// or in their metrics.
     pub async fn start(config: &str) -> Portico {
         let dir = TempDir::new();
-        let metrics = free_addr();
-        let text = format!("{config}\n[admin]\nmetrics = \"{metrics}\"\n");
+        let metrics: SocketAddr = ADMIN_ANY_PORT.parse().expect("admin address");
+        let text = with_admin(config, metrics);
         let config_path = dir.path().join("portico.toml");
         std::fs::write(&config_path, text).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
@@ -143,8 +176,29 @@ impl Portico {
         p
     }
 
+    /// Learn the admin port portico bound (when the harness asked for port
+    /// 0), then poll `/readyz` until it answers 200; bounded by STARTUP.
     async fn wait_ready(&mut self) {
         let started = Instant::now();
+        while self.metrics.port() == 0 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "portico exited with {status} before it was ready; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            if let Some(addr) = logged_addrs(&self.stderr(), "metrics on http://").first() {
+                self.metrics = *addr;
+                break;
+            }
+            if started.elapsed() > STARTUP {
+                panic!(
+                    "portico did not log its admin address within {STARTUP:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
@@ -166,6 +220,12 @@ impl Portico {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The addresses of the listeners portico bound, in config order (a
+    /// `[[listen]]` with port 0 gets a free port: read it here).
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        logged_addrs(&self.stderr(), "listening")
     }
 
     /// Everything the process wrote to stderr so far.
@@ -769,7 +829,13 @@ impl Portico {
     /// waiting for readiness (see [`Portico::wait_until_ready`]).
     pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Portico {
         let dir = TempDir::new();
-        let metrics = free_addr();
+        // The bound admin port is read from an info log line; with RUST_LOG
+        // set that line may be filtered out, so pick a free port instead.
+        let metrics = if env.iter().any(|(k, _)| *k == "RUST_LOG") {
+            free_addr()
+        } else {
+            ADMIN_ANY_PORT.parse().expect("admin address")
+        };
         let config_path = dir.path().join("portico.toml");
         std::fs::write(&config_path, with_admin(config, metrics)).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
