@@ -4,10 +4,17 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// `portico --version`: the package version, followed by the git commit when
+/// built from a checkout (build.rs sets PORTICO_VERSION).
+pub const VERSION: &str = match option_env!("PORTICO_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// One front for port 443: routes TLS by SNI/ALPN, passes tunnels through with
 /// PROXY protocol, and terminates TLS for streaming HTTP APIs.
 #[derive(Parser)]
-#[command(name = "portico", version, about, long_about = None)]
+#[command(name = "portico", version = VERSION, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
