@@ -87,7 +87,13 @@ fn git_commit() -> Option<String> {
     // build. A branch that lives in packed-refs gets a loose ref file at its
     // next commit, which shows in the ref's directory.
     if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]).and_then(|b| path(&b)) {
-        watch.extend([Some(branch.as_path()), branch.parent()].into_iter().flatten().find(|p| p.exists()).map(Path::to_path_buf));
+        watch.extend(
+            [Some(branch.as_path()), branch.parent()]
+                .into_iter()
+                .flatten()
+                .find(|p| p.exists())
+                .map(Path::to_path_buf),
+        );
     }
     watch.extend(path("packed-refs"));
     for p in watch.iter().filter(|p| p.exists()) {

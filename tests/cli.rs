@@ -73,7 +73,11 @@ fn long_options(sub: &str) -> Vec<String> {
 
 fn generated(dir: &str, name: &str) -> String {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_portico"));
-    let path = bin.parent().expect("the binary's directory").join(dir).join(name);
+    let path = bin
+        .parent()
+        .expect("the binary's directory")
+        .join(dir)
+        .join(name);
     std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{} (written by build.rs): {e}", path.display()))
 }
@@ -89,13 +93,19 @@ fn completions_and_man_pages_match_help() {
         assert!(bash.contains(&format!("portico,{sub})")), "bash: no {sub}");
         assert!(zsh.contains(&format!("'{sub}:")), "zsh: no {sub}");
         assert!(fish.contains(&format!("-a \"{sub}\"")), "fish: no {sub}");
-        assert!(man.contains(&format!("portico\\-{sub}(1)")), "portico.1: no {sub}");
+        assert!(
+            man.contains(&format!("portico\\-{sub}(1)")),
+            "portico.1: no {sub}"
+        );
         let page = generated("man", &format!("portico-{sub}.1"));
         let opts = long_options(&sub);
         for opt in &opts {
             assert!(bash.contains(&format!("--{opt}")), "bash: no {sub} --{opt}");
             assert!(zsh.contains(&format!("'--{opt}")), "zsh: no {sub} --{opt}");
-            assert!(fish.contains(&format!("-l {opt}")), "fish: no {sub} --{opt}");
+            assert!(
+                fish.contains(&format!("-l {opt}")),
+                "fish: no {sub} --{opt}"
+            );
             let roff = format!("\\-\\-{}", opt.replace('-', "\\-"));
             assert!(page.contains(&roff), "portico-{sub}.1: no --{opt}");
         }
