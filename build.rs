@@ -5,7 +5,7 @@
 //! - bash, zsh and fish completions and the man pages, generated from the
 //!   clap definition in src/cli.rs (so they never drift from `--help`), written
 //!   beside the binary: `target/<profile>/completions/` and
-//!   `target/<profile>/man/`, where `cargo deb` takes them from (its assets
+//!   `target/<profile>/man/` (`.1` and `.1.gz`), where `cargo deb` takes them from (its assets
 //!   under `target/release/` resolve to the real profile directory).
 
 use std::path::{Path, PathBuf};
@@ -50,10 +50,31 @@ fn main() {
             .unwrap_or_else(|e| panic!("write the {shell} completions: {e}"));
     }
     let man = profile_dir.join("man");
+    // No pages left over from a subcommand that is gone.
+    let _ = std::fs::remove_dir_all(&man);
     std::fs::create_dir_all(&man).expect("create the man page directory");
     // A fresh command: generating completions built `cmd`, which added the
     // `help` subcommand that man pages do not get.
     clap_mangen::generate_to(command(), &man).expect("write the man pages");
+    // cargo-deb does not compress assets taken from the target directory.
+    for entry in std::fs::read_dir(&man).expect("read the man page directory") {
+        let page = entry.expect("man page directory entry").path();
+        if page.extension().is_some_and(|e| e == "1") {
+            gzip(&page);
+        }
+    }
+}
+
+/// PAGE.gz beside PAGE, at the best compression, without a name or time.
+fn gzip(page: &Path) {
+    use std::io::Write;
+    let text = std::fs::read(page).unwrap_or_else(|e| panic!("read {}: {e}", page.display()));
+    let mut gz = flate2::GzBuilder::new().write(Vec::new(), flate2::Compression::best());
+    gz.write_all(&text).expect("gzip into memory");
+    let bytes = gz.finish().expect("gzip into memory");
+    let mut name = page.as_os_str().to_owned();
+    name.push(".gz");
+    std::fs::write(&name, bytes).unwrap_or_else(|e| panic!("write {}.gz: {e}", page.display()));
 }
 
 /// `<target>/<profile>` from `<target>/<profile>/build/<crate>-<hash>/out`.
