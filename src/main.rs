@@ -1,9 +1,11 @@
 //! The `portico` command: arguments, config, runtime, logging. The work is in the library.
 
+mod cli;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 /// mimalloc: per-request allocations (headers, bodies, futures) cost a third
 /// of glibc malloc's time here, and freed memory returns to the OS sooner.
@@ -12,42 +14,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use portico::config::{self, Config, LogFormat};
 use portico::server;
 
-/// One front for port 443: routes TLS by SNI/ALPN, passes tunnels through with
-/// PROXY protocol, and terminates TLS for streaming HTTP APIs.
-#[derive(Parser)]
-#[command(name = "portico", version, about, long_about = None)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run with a config file.
-    Run {
-        /// Config file (TOML).
-        #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
-    },
-    /// Load and validate a config (and its certificates), print the route table.
-    Check {
-        /// Config file (TOML).
-        #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
-    },
-    /// Write a portico config from an Xray JSON config and/or an nginx config.
-    Import {
-        /// Xray config (JSON, comments allowed).
-        #[arg(long, value_name = "FILE")]
-        xray: Option<PathBuf>,
-        /// nginx config (its includes are read too).
-        #[arg(long, value_name = "FILE")]
-        nginx: Option<PathBuf>,
-        /// Write the config here instead of stdout.
-        #[arg(short, long, value_name = "FILE")]
-        output: Option<PathBuf>,
-    },
-}
+use cli::{Cli, Command};
 
 fn main() -> ExitCode {
     // Transparent huge pages off for this process: mimalloc's eagerly

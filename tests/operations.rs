@@ -1728,7 +1728,7 @@ async fn systemd_unit_verifies_and_is_hardened() {
 
         let bin = env!("CARGO_BIN_EXE_portico");
         let unit = original
-            .replace("/usr/local/bin/portico", bin)
+            .replace("/usr/bin/portico", bin)
             .replace("/etc/portico/portico.toml", &config.display().to_string());
         for key in ["ExecStartPre", "ExecStart"] {
             let v = unit_values(&unit, key);
