@@ -20,6 +20,7 @@ use crate::terminate::Sites;
 /// `portico check` and reload use exactly this, so they report the same message.
 pub fn prepare(cfg: Config) -> Result<Generation, config::ConfigError> {
     let terminate = Sites::build(&cfg)?;
+    crate::metrics::preregister(&cfg);
     Ok(Generation {
         config: Arc::new(cfg),
         terminate,

@@ -240,7 +240,11 @@ async fn h2_field_values_with_surrounding_whitespace_are_malformed() {
 #[tokio::test]
 async fn h2_host_that_differs_from_authority_is_400() {
     bounded(60, async {
-        assert_h2_refused(&get_fields("/host", &[("host", "other.test")]), "host != :authority").await;
+        assert_h2_refused(
+            &get_fields("/host", &[("host", "other.test")]),
+            "host != :authority",
+        )
+        .await;
     })
     .await;
 }
@@ -253,7 +257,10 @@ async fn h2_connection_with_a_bad_preface_gets_goaway() {
         c.send(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n").await;
         let (f, _) = c.until(STEP, |f| f.kind == h2raw::GOAWAY).await;
         assert_eq!(f.error_code(), Some(h2raw::PROTOCOL_ERROR), "{f:?}");
-        assert!(c.next(STEP).await.is_none(), "connection stayed open after GOAWAY");
+        assert!(
+            c.next(STEP).await.is_none(),
+            "connection stayed open after GOAWAY"
+        );
         assert_eq!(upstream.snapshot().connections, 0);
     })
     .await;
@@ -290,7 +297,11 @@ async fn alpn_http1_then_h2_preface_is_400() {
         let rest = c.read_rest(STEP).await;
         let text = String::from_utf8_lossy(&rest);
         assert!(text.starts_with("HTTP/1.1 400 "), "got {text:?}");
-        assert_eq!(upstream.snapshot().connections, 0, "something was forwarded");
+        assert_eq!(
+            upstream.snapshot().connections,
+            0,
+            "something was forwarded"
+        );
     })
     .await;
 }
@@ -302,11 +313,13 @@ async fn no_alpn_still_detects_both() {
         let mut c = h2raw::Conn::tls(listen, "api.test", &[]).await;
         assert_eq!(c.alpn(), None);
         c.handshake().await;
-        c.send_headers(1, &get_fields("/prior-knowledge", &[]), true).await;
+        c.send_headers(1, &get_fields("/prior-knowledge", &[]), true)
+            .await;
         let (status, _) = c.response_status(1, STEP).await;
         assert_eq!(status, 200);
         let mut c = h2raw::Conn::tls(listen, "api.test", &[]).await;
-        c.send(b"GET /h1 HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n").await;
+        c.send(b"GET /h1 HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
+            .await;
         let text = String::from_utf8_lossy(&c.read_rest(STEP).await).into_owned();
         assert!(text.starts_with("HTTP/1.1 200 "), "got {text:?}");
         let rec = upstream.snapshot();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::raw::{RawConfig, RawLocation, RawRoute, RawSite, RawUpstream};
+use super::raw::{RawConfig, RawLocation, RawRoute, RawSite, RawUpstream, RawWebSocket};
 use super::*;
 
 struct Ctx<'a> {
@@ -761,7 +761,8 @@ fn location(
             }
         }
     };
-    if l.websocket == Some(true) && !matches!(target, Target::Upstream(_)) {
+    let websocket = websocket_mode(cx, key, l)?;
+    if l.websocket.is_some() && websocket.forwards() && !matches!(target, Target::Upstream(_)) {
         return Err(cx.err(format!("{key}.websocket"), "WebSocket needs an upstream"));
     }
     let name = match &l.name {
@@ -776,6 +777,37 @@ fn location(
         path: l.path.clone(),
         match_kind,
         target,
-        websocket: l.websocket.unwrap_or(true),
+        websocket,
     })
+}
+
+/// `websocket` (default "auto") and `websocket_recheck` of a location.
+fn websocket_mode(cx: &Ctx, key: &str, l: &RawLocation) -> Result<WebSocketMode, ConfigError> {
+    let mode = match &l.websocket {
+        None => "auto",
+        Some(RawWebSocket::Bool(true)) => "true",
+        Some(RawWebSocket::Bool(false)) => "false",
+        Some(RawWebSocket::Text(t)) => t.as_str(),
+    };
+    let recheck = l.websocket_recheck;
+    match (mode, recheck) {
+        ("auto", r) => match r {
+            Some(d) if d.is_zero() => {
+                Err(cx.err(format!("{key}.websocket_recheck"), "must be longer than 0s"))
+            }
+            r => Ok(WebSocketMode::Auto {
+                recheck: r.unwrap_or(WebSocketMode::DEFAULT_RECHECK),
+            }),
+        },
+        ("true" | "false", Some(_)) => Err(cx.err(
+            format!("{key}.websocket_recheck"),
+            "only applies with websocket = \"auto\"",
+        )),
+        ("true", None) => Ok(WebSocketMode::On),
+        ("false", None) => Ok(WebSocketMode::Off),
+        (other, _) => Err(cx.err(
+            format!("{key}.websocket"),
+            format!("{other:?} is not one of true, false, \"auto\""),
+        )),
+    }
 }

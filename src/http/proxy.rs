@@ -26,7 +26,7 @@ pub struct LocationRuntime {
     pub name: Arc<str>,
     pub metrics: Arc<crate::metrics::LocationMetrics>,
     pub action: Action,
-    pub websocket: bool,
+    pub websocket: crate::config::WebSocketMode,
 }
 
 /// What a location does with a request, prepared at config load.
@@ -274,7 +274,7 @@ pub async fn handle(
                 return unmatched(ProxyError::Internal("upstream client missing"));
             };
             if websocket::is_upgrade(&req) {
-                if !loc.websocket {
+                if !loc.websocket.forwards() {
                     let r = ex.fail(&ProxyError::WebSocketDisabled);
                     return finish(r, ex, &site);
                 }

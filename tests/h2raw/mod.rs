@@ -104,7 +104,12 @@ impl Conn {
     }
 
     /// A HEADERS frame (END_HEADERS) with `fields` in order, exactly as given.
-    pub fn headers_frame(&mut self, stream: u32, fields: &[(&str, &str)], end_stream: bool) -> Vec<u8> {
+    pub fn headers_frame(
+        &mut self,
+        stream: u32,
+        fields: &[(&str, &str)],
+        end_stream: bool,
+    ) -> Vec<u8> {
         let block = self
             .encoder
             .encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
@@ -128,8 +133,12 @@ impl Conn {
                     let f = Frame {
                         kind: self.buf[3],
                         flags: self.buf[4],
-                        stream: u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]])
-                            & 0x7fff_ffff,
+                        stream: u32::from_be_bytes([
+                            self.buf[5],
+                            self.buf[6],
+                            self.buf[7],
+                            self.buf[8],
+                        ]) & 0x7fff_ffff,
                         payload: self.buf[9..9 + len].to_vec(),
                     };
                     self.buf.drain(..9 + len);
@@ -160,7 +169,11 @@ impl Conn {
 
     /// Frames until one matches `pred` (acknowledging SETTINGS on the way);
     /// panics with what came when the connection ends first.
-    pub async fn until(&mut self, within: Duration, mut pred: impl FnMut(&Frame) -> bool) -> (Frame, Vec<Frame>) {
+    pub async fn until(
+        &mut self,
+        within: Duration,
+        mut pred: impl FnMut(&Frame) -> bool,
+    ) -> (Frame, Vec<Frame>) {
         let mut seen = Vec::new();
         loop {
             let Some(f) = self.next(within).await else {
@@ -210,7 +223,10 @@ impl Conn {
             })
             .await;
         if f.kind != HEADERS {
-            panic!("stream {stream} got {f:?} instead of a response (error {:?}); before: {seen:?}", f.error_code());
+            panic!(
+                "stream {stream} got {f:?} instead of a response (error {:?}); before: {seen:?}",
+                f.error_code()
+            );
         }
         let fields = self.decode(&f);
         let status = fields
