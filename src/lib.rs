@@ -20,4 +20,5 @@ pub mod server;
 pub mod splice;
 pub mod terminate;
 pub mod tls;
+pub mod tls_failures;
 pub mod tunnel;

@@ -2,6 +2,7 @@
 //! stream, the location router, the upstream pools and the streaming proxy.
 
 pub mod body;
+pub mod conformance;
 pub mod error;
 pub mod framing;
 pub mod headers;
@@ -9,6 +10,7 @@ pub mod proxy;
 pub mod router;
 pub mod upstream;
 pub mod websocket;
+pub mod ws_auto;
 
 use std::convert::Infallible;
 use std::sync::Arc;

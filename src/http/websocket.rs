@@ -241,6 +241,12 @@ pub struct FrameTracker {
     skip: u64,
     /// Completed data messages.
     pub messages: u64,
+    /// Data messages whose first frame header has passed.
+    pub started: u64,
+    /// Data messages whose last frame has fully passed (payload included).
+    pub finished: u64,
+    /// The frame being skipped ends a data message.
+    ends_message: bool,
 }
 
 impl FrameTracker {
@@ -257,6 +263,13 @@ impl FrameTracker {
         2 + ext + if masked { 4 } else { 0 }
     }
 
+    /// The current frame's payload has passed.
+    fn end_frame(&mut self) {
+        if std::mem::take(&mut self.ends_message) {
+            self.finished += 1;
+        }
+    }
+
     /// Feed bytes; returns messages completed within them.
     pub fn feed(&mut self, mut bytes: &[u8]) -> u64 {
         let before = self.messages;
@@ -265,6 +278,9 @@ impl FrameTracker {
                 let n = (self.skip.min(bytes.len() as u64)) as usize;
                 self.skip -= n as u64;
                 bytes = &bytes[n..];
+                if self.skip == 0 {
+                    self.end_frame();
+                }
                 continue;
             }
             let need = self.header_len();
@@ -296,8 +312,17 @@ impl FrameTracker {
             if fin && opcode < 0x8 {
                 self.messages += 1;
             }
+            // Text or binary (not continuation) opens a data message.
+            if opcode == 0x1 || opcode == 0x2 {
+                self.started += 1;
+            }
+            self.ends_message = fin && opcode < 0x8;
             self.skip = len;
             self.have = 0;
+            if len == 0 {
+                self.end_frame();
+            }
+            continue;
         }
         self.messages - before
     }
@@ -312,6 +337,7 @@ pin_project_lite::pin_project! {
         counter: metrics::Counter,
         bytes_counter: metrics::Counter,
         pub bytes: u64,
+        clock: Option<(std::sync::Arc<super::ws_auto::TurnClock>, super::ws_auto::Direction)>,
     }
 }
 
@@ -325,7 +351,18 @@ impl<S> Framed<S> {
             counter,
             bytes_counter,
             bytes: 0,
+            clock: None,
         }
+    }
+
+    /// Time turns on this direction with `clock` (both directions share it).
+    pub fn with_clock(
+        mut self,
+        clock: std::sync::Arc<super::ws_auto::TurnClock>,
+        direction: super::ws_auto::Direction,
+    ) -> Self {
+        self.clock = Some((clock, direction));
+        self
     }
 }
 
@@ -342,9 +379,22 @@ impl<S: AsyncRead> AsyncRead for Framed<S> {
         if !new.is_empty() {
             *this.bytes += new.len() as u64;
             this.bytes_counter.increment(new.len() as u64);
+            let (started, finished) = (this.tracker.started, this.tracker.finished);
             let n = this.tracker.feed(new);
             if n > 0 {
                 this.counter.increment(n);
+            }
+            if let Some((clock, direction)) = this.clock.as_ref() {
+                use super::ws_auto::Direction;
+                match direction {
+                    Direction::ClientToUpstream if this.tracker.finished > finished => {
+                        clock.client_message()
+                    }
+                    Direction::UpstreamToClient if this.tracker.started > started => {
+                        clock.upstream_message()
+                    }
+                    _ => {}
+                }
             }
         }
         r
@@ -405,6 +455,24 @@ mod tests {
             let mut t = FrameTracker::default();
             assert_eq!(t.feed(&s[..cut]) + t.feed(&s[cut..]), want, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn starts_and_ends_of_data_messages() {
+        let (s, _) = stream();
+        for cut in 0..=s.len() {
+            let mut t = FrameTracker::default();
+            t.feed(&s[..cut]);
+            t.feed(&s[cut..]);
+            // text, binary (fragmented), unmasked binary.
+            assert_eq!((t.started, t.finished), (3, 3), "cut at {cut}");
+        }
+        let mut t = FrameTracker::default();
+        let text = frame(true, 1, true, 10);
+        t.feed(&text[..8]);
+        assert_eq!((t.started, t.finished), (1, 0), "payload still to come");
+        t.feed(&text[8..]);
+        assert_eq!((t.started, t.finished), (1, 1));
     }
 
     #[test]
