@@ -9,12 +9,17 @@
 
 mod common;
 mod h2raw;
+mod standin;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{api_config, bounded, free_addr, Portico, RecordingUpstream};
+use common::{
+    api_config, bounded, free_addr, insecure_connector, tls_connect, Portico, RecordingUpstream,
+};
+use standin::{Script, Standin, Upgrades};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Metric names in a Prometheus text scrape (histogram series folded into
 /// their family name).
@@ -325,6 +330,453 @@ async fn no_alpn_still_detects_both() {
         let rec = upstream.snapshot();
         let targets: Vec<_> = rec.requests.iter().map(|r| r.target.as_str()).collect();
         assert_eq!(targets, ["/prior-knowledge", "/h1"]);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- WebSocket: auto, 426
+
+/// portico with `/v1/` to a stand-in, the location's websocket setting as given.
+async fn ws_site(standin: &Standin, websocket: &str) -> (Portico, SocketAddr) {
+    let listen = free_addr();
+    let config = api_config(
+        listen,
+        "",
+        &format!(
+            r#"
+[[site.api.location]]
+name = "responses"
+path = "/v1/"
+upstream = "relay"
+{websocket}
+
+[upstream.relay]
+url = "http://{}"
+"#,
+            standin.addr
+        ),
+    );
+    (Portico::start(&config).await, listen)
+}
+
+/// An HTTP/1.1 WebSocket upgrade over TLS; returns the response head and
+/// what followed it until the connection closed (or 2 s passed).
+async fn upgrade(listen: SocketAddr) -> (String, String) {
+    let (mut tls, _) = tls_connect(listen, &insecure_connector(&[b"http/1.1"]), "api.test").await;
+    tls.write_all(
+        b"GET /v1/responses HTTP/1.1\r\nHost: api.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .expect("send upgrade");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            if head.starts_with("HTTP/1.1 101") {
+                return (head, String::new());
+            }
+        }
+        match tokio::time::timeout_at(deadline, tls.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_string(), body.to_string())
+}
+
+/// An HTTP/1.1 POST over TLS with `Connection: close`; returns the status.
+async fn post_status(listen: SocketAddr, path: &str, body: &[u8]) -> u16 {
+    let (mut tls, _) = tls_connect(listen, &insecure_connector(&[b"http/1.1"]), "api.test").await;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: api.test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.expect("send head");
+    tls.write_all(body).await.expect("send body");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(STEP, tls.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+#[tokio::test]
+async fn auto_answers_426_for_a_relay_without_websocket_and_remembers() {
+    bounded(60, async {
+        let relay = Standin::start(Upgrades::Refuse(404), Script::standard()).await;
+        let (portico, listen) = ws_site(&relay, "").await;
+        let (head, body) = upgrade(listen).await;
+        assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+        assert_eq!(header(&head, "upgrade"), Some("websocket"), "{head}");
+        assert!(
+            !body.contains("not supported here"),
+            "the upstream's body was relayed: {body}"
+        );
+        assert_eq!(relay.log().upgrades_refused, 1);
+        // Remembered: the next upgrades get 426 without asking the relay.
+        for _ in 0..3 {
+            let (head, _) = upgrade(listen).await;
+            assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+            assert_eq!(header(&head, "upgrade"), Some("websocket"), "{head}");
+        }
+        assert_eq!(relay.log().upgrades_refused, 1, "the relay was asked again");
+        // Plain HTTP to the same location still works.
+        let status = post_status(listen, "/v1/responses", br#"{"stream":true,"input":"hi"}"#).await;
+        assert_eq!(status, 200);
+        // A reload forgets.
+        portico.signal("HUP");
+        portico
+            .wait_metric_at_least(
+                "portico_config_reloads_total",
+                &[("result", "ok")],
+                1.0,
+                STEP,
+            )
+            .await;
+        let (head, _) = upgrade(listen).await;
+        assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+        assert_eq!(relay.log().upgrades_refused, 2, "a reload keeps the memory");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn auto_asks_again_after_websocket_recheck_and_a_101_clears() {
+    bounded(60, async {
+        let relay = Standin::start(Upgrades::Refuse(405), Script::standard()).await;
+        let (_portico, listen) = ws_site(&relay, r#"websocket_recheck = "300ms""#).await;
+        let (head, _) = upgrade(listen).await;
+        assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+        relay.set_upgrades(Upgrades::Accept);
+        let (head, _) = upgrade(listen).await;
+        assert!(head.starts_with("HTTP/1.1 426 "), "remembered: {head}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (head, _) = upgrade(listen).await;
+        assert!(
+            head.starts_with("HTTP/1.1 101 "),
+            "asked again after the recheck time: {head}"
+        );
+        relay.set_upgrades(Upgrades::Refuse(405));
+        // The 101 cleared the memory: the relay is asked (and refuses).
+        let before = relay.log().upgrades_refused;
+        let (head, _) = upgrade(listen).await;
+        assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+        assert_eq!(relay.log().upgrades_refused, before + 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn websocket_true_passes_the_refusal_through_and_false_is_426() {
+    bounded(60, async {
+        let relay = Standin::start(Upgrades::Refuse(404), Script::standard()).await;
+        let (_p, listen) = ws_site(&relay, "websocket = true").await;
+        for n in 1..=2 {
+            let (head, body) = upgrade(listen).await;
+            assert!(head.starts_with("HTTP/1.1 404 "), "{head}");
+            assert!(body.contains("not supported here"), "{body}");
+            assert_eq!(relay.log().upgrades_refused, n);
+        }
+        let (_p, listen) = ws_site(&relay, "websocket = false").await;
+        let (head, _) = upgrade(listen).await;
+        assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+        assert_eq!(header(&head, "upgrade"), Some("websocket"), "{head}");
+        assert_eq!(
+            relay.log().upgrades_refused,
+            2,
+            "websocket = false asked the relay"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn websocket_turns_are_timed() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    bounded(60, async {
+        let script = Script::standard();
+        let relay = Standin::start(Upgrades::Accept, script.clone()).await;
+        let (portico, listen) = ws_site(&relay, "").await;
+        let (tls, _) = tls_connect(listen, &insecure_connector(&[b"http/1.1"]), "api.test").await;
+        let (mut ws, _) = tokio_tungstenite::client_async("wss://api.test/v1/responses", tls)
+            .await
+            .expect("WebSocket handshake");
+        for turn in 0..2 {
+            let sent = std::time::Instant::now();
+            ws.send(Message::text(
+                r#"{"type":"response.create","model":"m","input":[]}"#,
+            ))
+            .await
+            .expect("send");
+            let mut first = None;
+            loop {
+                let msg = tokio::time::timeout(STEP, ws.next())
+                    .await
+                    .expect("event")
+                    .expect("open")
+                    .expect("message");
+                first.get_or_insert(sent.elapsed());
+                if msg.to_text().unwrap_or("").contains("response.completed") {
+                    break;
+                }
+            }
+            eprintln!("turn {turn}: first event after {:?}", first);
+        }
+        ws.close(None).await.expect("close");
+        let labels = [("site", "api"), ("location", "responses")];
+        portico
+            .wait_metric_at_least(
+                "portico_websocket_response_seconds_count",
+                &labels,
+                2.0,
+                STEP,
+            )
+            .await;
+        // Each turn's first event comes at once (the deltas pause, not the
+        // first event), so every turn is under 1 s.
+        let under = portico
+            .metric(
+                "portico_websocket_response_seconds_bucket",
+                &[labels[0], labels[1], ("le", "1")],
+            )
+            .await;
+        assert_eq!(under, 2.0);
+        // The session's access log line: messages each way, turn times.
+        let deadline = std::time::Instant::now() + STEP;
+        loop {
+            let log = portico.stderr();
+            if let Some(line) = log.lines().find(|l| l.contains("status=101")) {
+                for want in [
+                    "ws_messages_in=2",
+                    "ws_messages_out=",
+                    "ws_turns=2",
+                    "ws_response_median_ms=",
+                    "ws_response_max_ms=",
+                ] {
+                    assert!(line.contains(want), "{want} missing in {line}");
+                }
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no access log line for the session:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- TLS handshake failure logs
+
+#[tokio::test]
+async fn failed_handshakes_are_logged_once_per_client_per_minute() {
+    bounded(60, async {
+        let (portico, listen, _up) = recorded_site("").await;
+        // A client that trusts only another CA rejects portico's certificate.
+        let other = common::TestCert::generate();
+        let strict = common::tls_connector(&other, &["h2"], true);
+        for _ in 0..3 {
+            let tcp = common::connect(listen).await;
+            let name = rustls::pki_types::ServerName::try_from("api.test").expect("name");
+            let r = tokio::time::timeout(STEP, strict.connect(name, tcp))
+                .await
+                .expect("handshake ends");
+            assert!(
+                r.is_err(),
+                "the client accepted a certificate it does not trust"
+            );
+        }
+        portico
+            .wait_metric_at_least(
+                "portico_tls_handshake_failures_total",
+                &[("site", "api")],
+                3.0,
+                STEP,
+            )
+            .await;
+        let log = portico.stderr();
+        let lines: Vec<_> = log
+            .lines()
+            .filter(|l| l.contains("TLS handshake failed"))
+            .collect();
+        assert_eq!(lines.len(), 1, "one line per client per minute:\n{log}");
+        let line = lines[0];
+        assert!(line.contains("WARN"), "{line}");
+        assert!(
+            line.contains("client rejected the certificate: UnknownCA"),
+            "{line}"
+        );
+        assert!(line.contains("sni=api.test"), "{line}");
+        assert!(line.contains("client=127.0.0.1:"), "{line}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- h2 early responses
+
+/// `curl --http2` uploading `size` bytes; returns (exit code, status, stderr).
+fn curl_upload(listen: SocketAddr, path: &str, size: usize) -> (i32, String, String) {
+    let dir = common::TempDir::new();
+    let file = dir.path().join("upload.bin");
+    std::fs::write(&file, common::pseudo_random(size, 7)).expect("write upload");
+    let out = std::process::Command::new("curl")
+        .args([
+            "--http2",
+            "-sS",
+            "-k",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--resolve")
+        .arg(format!("api.test:{}:127.0.0.1", listen.port()))
+        .arg("--data-binary")
+        .arg(format!("@{}", file.display()))
+        .arg(format!("https://api.test:{}{path}", listen.port()))
+        .output()
+        .expect("run curl (installed by scripts/test-all)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn h2_413_reaches_curl_before_the_stream_is_reset() {
+    bounded(60, async {
+        let (_p, listen, upstream) = recorded_site(r#"max_body = "1MiB""#).await;
+        let listen2 = listen;
+        let (code, status, err) =
+            tokio::task::spawn_blocking(move || curl_upload(listen2, "/upload", 2 << 20))
+                .await
+                .expect("curl");
+        assert_eq!((code, status.as_str()), (0, "413"), "curl: {err}");
+        assert!(upstream.snapshot().requests.is_empty());
+    })
+    .await;
+}
+
+/// An upstream that answers every request with 401 without reading its body.
+async fn unauthorized_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = "unauthorized\n";
+                let _ = s
+                    .write_all(
+                        format!("HTTP/1.1 401 Unauthorized\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                            .as_bytes(),
+                    )
+                    .await;
+                // Keep the socket open a moment, unread, as a relay would.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn h2_early_401_from_the_upstream_reaches_curl() {
+    bounded(60, async {
+        let (addr, task) = unauthorized_upstream().await;
+        let listen = free_addr();
+        let config = api_config(
+            listen,
+            "",
+            &format!(
+                r#"
+[[site.api.location]]
+path = "/"
+upstream = "relay"
+
+[upstream.relay]
+url = "http://{addr}"
+"#
+            ),
+        );
+        let _p = Portico::start(&config).await;
+        let (code, status, err) =
+            tokio::task::spawn_blocking(move || curl_upload(listen, "/v1/responses", 2 << 20))
+                .await
+                .expect("curl");
+        assert_eq!((code, status.as_str()), (0, "401"), "curl: {err}");
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn h2_early_response_is_followed_by_no_error_reset() {
+    bounded(60, async {
+        let (_p, listen, _up) = recorded_site(r#"max_body = "1KiB""#).await;
+        let mut c = h2raw::Conn::tls(listen, "api.test", &[b"h2"]).await;
+        c.handshake().await;
+        let len = "100000";
+        let fields = [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", "api.test"),
+            (":path", "/upload"),
+            ("content-length", len),
+        ];
+        c.send_headers(1, &fields, false).await;
+        c.send(&h2raw::frame(h2raw::DATA, 0, 1, &[b'x'; 1000]))
+            .await;
+        let (status, _) = c.response_status(1, STEP).await;
+        assert_eq!(status, 413);
+        let (f, seen) = c
+            .until(STEP, |f| {
+                f.stream == 1
+                    && (f.kind == h2raw::RST_STREAM
+                        || (f.kind == h2raw::DATA && f.flags & h2raw::END_STREAM != 0))
+            })
+            .await;
+        // The response ends first; any reset after it says NO_ERROR.
+        assert_eq!(
+            f.kind,
+            h2raw::DATA,
+            "stream reset before the response ended: {f:?} after {seen:?}"
+        );
+        if let Some(rst) = c
+            .next(Duration::from_millis(500))
+            .await
+            .filter(|f| f.kind == h2raw::RST_STREAM)
+        {
+            assert_eq!(rst.error_code(), Some(h2raw::NO_ERROR), "{rst:?}");
+        }
     })
     .await;
 }

@@ -117,6 +117,7 @@ pub struct Log {
 pub struct Standin {
     pub addr: SocketAddr,
     log: Arc<Mutex<Log>>,
+    state: Arc<State>,
     task: JoinHandle<()>,
 }
 
@@ -134,10 +135,11 @@ impl Standin {
         let addr = listener.local_addr().expect("stand-in address");
         let log = Arc::new(Mutex::new(Log::default()));
         let state = Arc::new(State {
-            upgrades,
+            upgrades: Mutex::new(upgrades),
             script,
             log: log.clone(),
         });
+        let shared = state.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -157,16 +159,26 @@ impl Standin {
                 });
             }
         });
-        Standin { addr, log, task }
+        Standin {
+            addr,
+            log,
+            state: shared,
+            task,
+        }
     }
 
     pub fn log(&self) -> Log {
         self.log.lock().expect("stand-in log").clone()
     }
+
+    /// Change how later upgrades are answered.
+    pub fn set_upgrades(&self, upgrades: Upgrades) {
+        *self.state.upgrades.lock().expect("stand-in mode") = upgrades;
+    }
 }
 
 struct State {
-    upgrades: Upgrades,
+    upgrades: Mutex<Upgrades>,
     script: Script,
     log: Arc<Mutex<Log>>,
 }
@@ -263,7 +275,8 @@ impl State {
             if !responses {
                 return full(StatusCode::NOT_FOUND, "text/plain", "not found\n");
             }
-            if let Upgrades::Refuse(status) = self.upgrades {
+            let mode = *self.upgrades.lock().expect("stand-in mode");
+            if let Upgrades::Refuse(status) = mode {
                 self.log.lock().expect("stand-in log").upgrades_refused += 1;
                 let status = StatusCode::from_u16(status).expect("status");
                 return full(
