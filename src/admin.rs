@@ -54,7 +54,10 @@ pub async fn serve(
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
-                Err(_) => continue,
+                Err(e) => {
+                    crate::listener::accept_failed("admin", &e).await;
+                    continue;
+                }
             },
             _ = stop.cancelled() => return,
         };

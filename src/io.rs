@@ -1,11 +1,17 @@
-//! Streams that replay peeked bytes, and a meter for tunnel traffic.
+//! Stream plumbing shared by the passthrough and HTTP halves: a stream that
+//! replays peeked bytes ([`Prefixed`]), a read meter with an activity clock
+//! ([`Metered`], [`Activity`]), and the idle-aware byte pump that joins two
+//! streams ([`join_with_idle`], used by upgraded HTTP connections).
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// `AsyncWrite` for a wrapper that only watches the read side: every write
 /// call goes to its pinned `inner` field unchanged.
@@ -89,6 +95,162 @@ impl<S: AsyncRead> AsyncRead for Prefixed<S> {
 
 impl<S: AsyncWrite> AsyncWrite for Prefixed<S> {
     forward_async_write!();
+}
+
+/// Shared clock of the last byte moved in either direction, read by the idle watchdog.
+pub struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    pub fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Resolves once `activity` has seen no byte for `idle`.
+pub async fn idle_watchdog(activity: &Activity, idle: Duration) {
+    loop {
+        let quiet = activity.idle_for();
+        if quiet >= idle {
+            return;
+        }
+        tokio::time::sleep(idle - quiet).await;
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Counts bytes read from `inner` into a live counter and the activity clock.
+    pub struct Metered<S> {
+        #[pin]
+        inner: S,
+        counter: metrics::Counter,
+        // Bytes read so far, plus the starting count given to `new`.
+        pub total: u64,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<S> Metered<S> {
+    pub fn new(inner: S, counter: metrics::Counter, total: u64, activity: Arc<Activity>) -> Self {
+        Metered {
+            inner,
+            counter,
+            total,
+            activity,
+        }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Metered<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            this.counter.increment(n);
+            *this.total += n;
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Metered<S> {
+    forward_async_write!();
+}
+
+/// Why [`join_with_idle`] ended other than by both sides finishing.
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    #[error("idle timeout")]
+    Idle,
+    /// A read or write failed; the message is the I/O error's.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Join two streams until both directions end, an error, or `idle` without
+/// a byte either way. Used for upgraded HTTP connections. A direction ends
+/// at EOF, passed on as a write shutdown; with `linger`, once one direction
+/// has ended the other gets at most that long to end as well.
+pub async fn join_with_idle<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Duration,
+    linger: Option<Duration>,
+) -> Result<(), PumpError>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Activity::new();
+    // Only the activity clock: callers count their own bytes.
+    let a = Metered::new(a, metrics::Counter::noop(), 0, activity.clone());
+    let b = Metered::new(b, metrics::Counter::noop(), 0, activity.clone());
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let a_to_b = async move {
+        eof_is_end(tokio::io::copy(&mut ar, &mut bw).await)?;
+        bw.shutdown().await
+    };
+    let b_to_a = async move {
+        eof_is_end(tokio::io::copy(&mut br, &mut aw).await)?;
+        aw.shutdown().await
+    };
+    let watchdog = idle_watchdog(&activity, idle);
+    tokio::pin!(a_to_b, b_to_a, watchdog);
+    let a_done = tokio::select! {
+        r = &mut a_to_b => { r?; true }
+        r = &mut b_to_a => { r?; false }
+        _ = &mut watchdog => return Err(PumpError::Idle),
+    };
+    let rest = async {
+        if a_done {
+            b_to_a.as_mut().await
+        } else {
+            a_to_b.as_mut().await
+        }
+    };
+    let linger = async {
+        match linger {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = rest => Ok(r?),
+        _ = linger => Ok(()),
+        _ = &mut watchdog => Err(PumpError::Idle),
+    }
+}
+
+/// A TLS peer that closes without close_notify (most WebSocket clients do
+/// after the close handshake) has ended its stream, not failed it.
+fn eof_is_end(r: io::Result<u64>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => Err(e),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

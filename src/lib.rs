@@ -1,17 +1,36 @@
 //! portico: one front for port 443.
 //!
-//! Data flows one way through the modules: `listener` accepts, `proxy_protocol`
-//! reads an inbound PROXY header, `hello` peeks the first bytes, `route`
-//! decides, then `tunnel` passes bytes through or `terminate` + `http`
-//! terminate TLS and proxy HTTP. `server` owns the process; `metrics` and
-//! `config` are used by all.
+//! A connection flows one way through the modules, and each module uses only
+//! what lies below it in this picture:
+//!
+//! ```text
+//! server       the process: listeners, admin, reload (-> generation), shutdown
+//!   listener   bind, accept, connection limits
+//!   conn       per connection: proxy_protocol (inbound header) -> hello (peek)
+//!              -> route::decide -> dispatch:
+//!     tunnel       pass: dial the backend, PROXY header out, splice/copy
+//!     terminate    TLS handshake, then non_http -> tunnel, or:
+//!       http       hyper server -> proxy (site, locations) -> upstream pools,
+//!                  websocket; http::redirect for plain-HTTP redirect routes
+//! generation   a prepared config: sites, upstream pools, resolved routes
+//! ```
+//!
+//! Below them all: `config` (the checked model), `lifecycle` (shutdown, hard
+//! stop, task tracker), `dial` (the one way to connect, TCP or Unix), `io`
+//! (peek replay, meters, the idle-aware pump), `splice`, `tls`, `metrics`.
+//! `admin` serves /metrics beside the flow. `.ci/run` checks that no import
+//! cycle comes back.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
+pub mod conn;
+pub mod dial;
+pub mod generation;
 pub mod hello;
 pub mod http;
 pub mod io;
+pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod proxy_protocol;

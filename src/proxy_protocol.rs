@@ -56,6 +56,16 @@ pub struct Carried {
     pub destination: SocketAddr,
 }
 
+/// The addresses a connection is known by after its inbound PROXY header
+/// (if any): what later stages log, route and pass on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The real client: from a trusted PROXY header, else the TCP peer.
+    pub client: SocketAddr,
+    /// The address the client connected to (PROXY destination when present).
+    pub local: SocketAddr,
+}
+
 /// Outcome of parsing the bytes read so far.
 enum Step {
     NeedMore,

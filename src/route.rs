@@ -12,8 +12,10 @@ pub enum Seen<'a> {
 }
 
 /// First route (top to bottom) whose matchers all accept the connection.
-pub fn decide<'r>(seen: Seen<'_>, routes: &'r [Route]) -> Option<&'r Route> {
-    routes.iter().find(|r| matches(r, seen))
+/// `routes` is the config's table or any table whose entries carry a route
+/// (a generation's, with resolved actions).
+pub fn decide<'r, R: std::borrow::Borrow<Route>>(seen: Seen<'_>, routes: &'r [R]) -> Option<&'r R> {
+    routes.iter().find(|r| matches(r.borrow(), seen))
 }
 
 fn matches(route: &Route, seen: Seen<'_>) -> bool {

@@ -11,21 +11,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Readiness};
-use crate::config::{self, Config};
-use crate::listener::{self, Generation, Shared};
+use crate::config;
+use crate::conn::Shared;
+use crate::generation::Generation;
+use crate::listener;
 use crate::metrics as m;
-use crate::terminate::Sites;
 
-/// Load and fully check a config: syntax, references and certificates.
-/// `portico check` and reload use exactly this, so they report the same message.
-pub fn prepare(cfg: Config) -> Result<Generation, config::ConfigError> {
-    let terminate = Sites::build(&cfg)?;
-    crate::metrics::preregister(&cfg);
-    Ok(Generation {
-        config: Arc::new(cfg),
-        terminate,
-    })
-}
+/// Load and fully check a config: syntax, references and certificates
+/// (see [`crate::generation::prepare`]).
+pub use crate::generation::prepare;
 
 struct Bound {
     stop: CancellationToken,
@@ -59,7 +53,7 @@ impl Server {
         if let Some(handle) = metrics.clone() {
             // Histogram samples queue up in the recorder until upkeep folds
             // them into buckets: without it memory grows with every request.
-            let stop = server.shared.shutdown.clone();
+            let stop = server.shared.life.shutdown.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
                 loop {
@@ -78,7 +72,7 @@ impl Server {
                 sock,
                 handle,
                 ready.clone(),
-                server.shared.shutdown.clone(),
+                server.shared.life.shutdown.clone(),
             ));
         }
         ready.set(true);
@@ -89,7 +83,7 @@ impl Server {
     fn open(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
         let sock =
             listener::bind(addr).with_context(|| format!("cannot bind listen address {addr}"))?;
-        let stop = self.shared.shutdown.child_token();
+        let stop = self.shared.life.shutdown.child_token();
         info!(%addr, "listening");
         tokio::spawn(listener::accept_loop(
             sock,
@@ -176,24 +170,26 @@ impl Server {
         let grace = self.current().config.shutdown_grace;
         let _ = sd_notify::notify(&[NotifyState::Stopping]);
         self.ready.set(false);
-        self.shared.shutdown.cancel();
-        self.shared.tasks.close();
-        let open = self.shared.tasks.len();
+        self.shared.life.shutdown.cancel();
+        self.shared.life.tasks.close();
+        let open = self.shared.life.tasks.len();
         if open > 0 {
             info!(open, ?grace, "draining open connections");
         }
-        if tokio::time::timeout(grace, self.shared.tasks.wait())
+        if tokio::time::timeout(grace, self.shared.life.tasks.wait())
             .await
             .is_err()
         {
             warn!(
-                open = self.shared.tasks.len(),
+                open = self.shared.life.tasks.len(),
                 "grace period over; closing what is left"
             );
-            self.shared.hard_stop.cancel();
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(2), self.shared.tasks.wait())
-                    .await;
+            self.shared.life.hard_stop.cancel();
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                self.shared.life.tasks.wait(),
+            )
+            .await;
         }
     }
 }
@@ -213,7 +209,7 @@ pub async fn run(generation: Generation, metrics: Option<PrometheusHandle>) -> a
         }
     }
     // A second SIGTERM/SIGINT during the drain cuts it short.
-    let hard_stop = server.shared.hard_stop.clone();
+    let hard_stop = server.shared.life.hard_stop.clone();
     let drain = server.shutdown();
     tokio::pin!(drain);
     tokio::select! {

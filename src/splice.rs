@@ -51,6 +51,15 @@ macro_rules! impl_socket {
 
 impl_socket!(TcpStream, UnixStream);
 
+impl Socket for crate::dial::Stream {
+    async fn io<R>(&self, interest: Interest, f: impl FnMut() -> io::Result<R>) -> io::Result<R> {
+        match self {
+            crate::dial::Stream::Tcp(s) => s.async_io(interest, f).await,
+            crate::dial::Stream::Unix(s) => s.async_io(interest, f).await,
+        }
+    }
+}
+
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC).map_err(io::Error::from)
 }

@@ -1,118 +1,78 @@
 //! `terminate` routes: the TLS handshake (over the peeked bytes), then HTTP,
 //! or the site's `non_http` backend for decrypted streams that are not HTTP.
-//! Also the plain-HTTP `redirect` route.
 
-use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Limits, Timeouts};
 use crate::hello::{self, Peeked};
-use crate::http::proxy::{ConnContext, SiteRuntime};
-use crate::http::upstream::UpstreamClient;
-use crate::http::{self as h, Negotiated, ServeOptions};
+use crate::http::framing::{Framing, Verdict};
+use crate::http::site::{ConnContext, SiteRuntime};
+use crate::http::{self as h, Negotiated};
 use crate::io::Prefixed;
-use crate::listener::{ConnInfo, Generation, Shared};
+use crate::lifecycle::Lifecycle;
 use crate::metrics as m;
-use crate::proxy_protocol::Outbound;
+use crate::proxy_protocol::{ConnInfo, Outbound};
 use crate::tunnel;
 
 /// What an h2 client sends first (RFC 9113 section 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// A terminated site ready for connections.
-pub struct SiteEntry {
+/// A terminated site ready for connections: its TLS acceptor, its compiled
+/// HTTP side, and the timeouts and limits of the generation it belongs to.
+pub struct TerminatedSite {
+    pub name: Arc<str>,
     pub acceptor: TlsAcceptor,
     pub http: Arc<SiteRuntime>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
 }
 
-/// Per-site TLS and HTTP state built from a config.
-#[derive(Default)]
-pub struct Sites {
-    sites: HashMap<String, SiteEntry>,
-}
-
-impl Sites {
-    /// Load every certificate and compile every site. Errors name the key.
-    pub fn build(cfg: &Config) -> Result<Sites, ConfigError> {
-        let clients: BTreeMap<String, Arc<UpstreamClient>> = cfg
-            .upstreams
-            .iter()
-            .map(|(name, u)| {
-                (
-                    name.clone(),
-                    Arc::new(UpstreamClient::new(
-                        u.clone(),
-                        cfg.timeouts.upstream_connect,
-                    )),
-                )
-            })
-            .collect();
-        let mut sites = HashMap::new();
-        for (name, site) in &cfg.sites {
-            let tls = crate::tls::server_config(site).map_err(|reason| ConfigError {
-                source: cfg.source.clone(),
-                key: format!("site.{name}.cert"),
-                reason,
-            })?;
-            sites.insert(
-                name.clone(),
-                SiteEntry {
-                    acceptor: TlsAcceptor::from(tls),
-                    http: Arc::new(SiteRuntime::new(
-                        site.clone(),
-                        &clients,
-                        cfg.timeouts.idle,
-                        cfg.limits.max_uri_length,
-                    )),
-                },
-            );
+impl TerminatedSite {
+    pub fn new(
+        acceptor: TlsAcceptor,
+        http: Arc<SiteRuntime>,
+        timeouts: Timeouts,
+        limits: Limits,
+    ) -> TerminatedSite {
+        TerminatedSite {
+            name: http.name.clone(),
+            acceptor,
+            http,
+            timeouts,
+            limits,
         }
-        Ok(Sites { sites })
-    }
-
-    pub fn get(&self, name: &str) -> Option<&SiteEntry> {
-        self.sites.get(name)
     }
 }
 
 /// Complete the TLS handshake on a connection routed to `site`, then serve it.
 pub async fn serve(
     io: Prefixed<TcpStream>,
-    site: &str,
+    entry: &TerminatedSite,
     info: ConnInfo,
-    gen: Arc<Generation>,
-    shared: Arc<Shared>,
+    life: &Lifecycle,
 ) {
-    let Some(entry) = gen.terminate.get(site) else {
-        return;
-    };
-    let cfg = &gen.config;
+    let site = &*entry.name;
+    let timeouts = &entry.timeouts;
     let handshake = tokio::select! {
-        r = tokio::time::timeout(cfg.timeouts.tls_handshake, entry.acceptor.accept(io)) => r,
+        r = tokio::time::timeout(timeouts.tls_handshake, entry.acceptor.accept(io)) => r,
         // No request can be in progress before the handshake is done.
-        _ = shared.shutdown.cancelled() => return,
+        _ = life.shutdown.cancelled() => return,
     };
     let mut tls = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "site" => site.to_string()).increment(1);
+            metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "site" => entry.name.clone()).increment(1);
             debug!(site, client = %info.client, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "site" => site.to_string()).increment(1);
+            metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "site" => entry.name.clone()).increment(1);
             debug!(site, client = %info.client, "TLS handshake timed out");
             return;
         }
@@ -128,8 +88,8 @@ pub async fn serve(
         // The first decrypted bytes decide: HTTP goes to the HTTP server,
         // anything else (VLESS, Trojan, ...) to the non_http backend.
         let peeked = tokio::select! {
-            p = hello::peek(&mut tls, &mut first, cfg.timeouts.request_header) => p,
-            _ = shared.shutdown.cancelled() => return,
+            p = hello::peek(&mut tls, &mut first, timeouts.request_header) => p,
+            _ = life.shutdown.cancelled() => return,
         };
         match peeked {
             Ok(Peeked::Http) => {}
@@ -144,12 +104,12 @@ pub async fn serve(
                     sni: sni.as_deref(),
                     alpn: alpn.as_deref(),
                 };
-                let job = tunnel::Job::new(backend, &out, &first, site, &cfg.timeouts, false);
+                let job = tunnel::Job::new(backend, &out, &first, site, timeouts, false);
                 // Boxed so HTTP connections do not reserve the tunnel's space.
                 Box::pin(tunnel::serve(
                     tunnel::ClientSide::Stream(tls),
                     job,
-                    shared.hard_stop.cancelled(),
+                    life.hard_stop.cancelled(),
                 ))
                 .await;
                 return;
@@ -180,104 +140,32 @@ pub async fn serve(
         }
     };
     let known = tokio::select! {
-        r = tokio::time::timeout(cfg.timeouts.request_header, version_known) => matches!(r, Ok(true)),
-        _ = shared.shutdown.cancelled() => return,
+        r = tokio::time::timeout(timeouts.request_header, version_known) => matches!(r, Ok(true)),
+        _ = life.shutdown.cancelled() => return,
     };
     if !known {
         debug!(site, client = %info.client, "no request within request_header after the handshake; closing");
         return;
     }
 
-    let verdict = Arc::new(crate::http::framing::Verdict::default());
+    let verdict = Arc::new(Verdict::default());
     let ctx = Arc::new(ConnContext {
         client: info.client.ip(),
         verdict: verdict.clone(),
-        tasks: shared.tasks.clone(),
-        hard_stop: shared.hard_stop.clone(),
+        life: life.clone(),
     });
     h::serve(
-        crate::http::framing::Framing::new(
+        Framing::new(
             Prefixed::new(first, tls),
-            cfg.limits.max_header_size,
+            entry.limits.max_header_size,
             verdict,
             negotiated != Negotiated::H2,
-            cfg.timeouts.request_header,
+            timeouts.request_header,
         ),
         entry.http.clone(),
         ctx,
-        ServeOptions {
-            limits: cfg.limits,
-            timeouts: cfg.timeouts,
-            shutdown: shared.shutdown.clone(),
-            hard_stop: shared.hard_stop.clone(),
-        },
+        entry.limits,
+        entry.timeouts,
     )
     .await;
-}
-
-/// Answer every request on a plain-HTTP connection with a 308 to https.
-pub async fn redirect(
-    io: Prefixed<TcpStream>,
-    info: ConnInfo,
-    gen: Arc<Generation>,
-    shared: Arc<Shared>,
-) {
-    let svc =
-        service_fn(
-            |req: Request<Incoming>| async move { Ok::<_, Infallible>(redirect_response(&req)) },
-        );
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(gen.config.timeouts.request_header)
-        .serve_connection(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                debug!(client = %info.client, error = %e, "redirect connection error");
-            }
-        }
-        _ = shared.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
-        }
-    }
-}
-
-fn redirect_response(req: &Request<Incoming>) -> Response<Full<bytes::Bytes>> {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(|h| h.to_string())
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
-    let Some(host) = host.filter(|h| !h.is_empty() && !h.contains(['/', '\\', '@', ' '])) else {
-        let mut r = Response::new(Full::from("bad request: missing Host header\n"));
-        *r.status_mut() = StatusCode::BAD_REQUEST;
-        return r;
-    };
-    // Drop the port of the plain listener: https is on its default port.
-    let name = if host.starts_with('[') {
-        host.split_inclusive(']')
-            .next()
-            .unwrap_or(&host)
-            .to_string()
-    } else {
-        match host.rsplit_once(':') {
-            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h.to_string(),
-            _ => host.clone(),
-        }
-    };
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let location = format!("https://{name}{path}");
-    let mut r = Response::new(Full::from(format!("moved to {location}\n")));
-    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
 }

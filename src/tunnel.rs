@@ -2,16 +2,14 @@
 //! bytes, then copy both ways until both sides are done.
 
 use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-use crate::config::{Address, Backend};
+use crate::config::Backend;
+use crate::dial::{self, DialError};
+use crate::io::{idle_watchdog, Activity, Metered};
 use crate::metrics as m;
 
 /// Copy buffer per direction. 64 KiB moves a bulk transfer in a quarter of
@@ -19,6 +17,7 @@ use crate::metrics as m;
 /// cost of 128 KiB per open tunnel, allocated only when it first carries data.
 pub const COPY_BUF: usize = 64 * 1024;
 
+/// A backend that could not be reached, named.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("connect to backend {backend} ({addr}): {source}")]
@@ -36,212 +35,59 @@ pub enum ConnectError {
     },
 }
 
-/// A connected backend stream, TCP or Unix.
-pub enum BackendStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-/// Connect to `backend` within `timeout`, with TCP_NODELAY set.
-pub async fn connect(backend: &Backend, timeout: Duration) -> Result<BackendStream, ConnectError> {
-    let attempt = async {
-        match &backend.addr {
-            Address::Tcp(a) => {
-                let s = TcpStream::connect(a.as_str()).await?;
-                s.set_nodelay(true)?;
-                Ok(BackendStream::Tcp(s))
+/// Connect to `backend` within `timeout` (TCP with TCP_NODELAY, or Unix).
+pub async fn connect(backend: &Backend, timeout: Duration) -> Result<dial::Stream, ConnectError> {
+    let named = |addr: String| (backend.name.to_string(), addr);
+    dial::connect(&backend.addr, timeout)
+        .await
+        .map_err(|e| match e {
+            DialError::Io { addr, source } => {
+                let (backend, addr) = named(addr);
+                ConnectError::Io {
+                    backend,
+                    addr,
+                    source,
+                }
             }
-            Address::Unix(p) => Ok(BackendStream::Unix(UnixStream::connect(p).await?)),
-        }
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(source)) => Err(ConnectError::Io {
-            backend: backend.name.to_string(),
-            addr: backend.addr.to_string(),
-            source,
-        }),
-        Err(_) => Err(ConnectError::Timeout {
-            backend: backend.name.to_string(),
-            addr: backend.addr.to_string(),
-            timeout,
-        }),
-    }
+            DialError::Timeout { addr, timeout } => {
+                let (backend, addr) = named(addr);
+                ConnectError::Timeout {
+                    backend,
+                    addr,
+                    timeout,
+                }
+            }
+        })
 }
 
 /// How a tunnel ended, for the access log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum CloseCause {
     /// Both sides closed their write halves.
+    #[error("eof")]
     Done,
     /// No bytes either way for `timeouts.idle`.
+    #[error("idle")]
     Idle,
+    /// Writing the PROXY header and first bytes to the backend failed.
+    #[error("error: write to backend: {0}")]
+    BackendWrite(#[source] io::Error),
     /// A read or write failed (usually a reset).
-    Error(String),
+    #[error("error: {0}")]
+    Error(#[source] io::Error),
     /// The process is shutting down.
+    #[error("shutdown")]
     Shutdown,
 }
 
-impl std::fmt::Display for CloseCause {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CloseCause::Done => f.write_str("eof"),
-            CloseCause::Idle => f.write_str("idle"),
-            CloseCause::Error(e) => write!(f, "error: {e}"),
-            CloseCause::Shutdown => f.write_str("shutdown"),
-        }
-    }
-}
-
 /// Byte counts of a finished tunnel.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct TunnelStats {
     /// Client to backend, including the replayed first bytes.
     pub up: u64,
     /// Backend to client.
     pub down: u64,
     pub cause: CloseCause,
-}
-
-/// Shared clock of the last byte moved in either direction, read by the idle watchdog.
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Arc<Activity> {
-        Arc::new(Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        })
-    }
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-    fn idle_for(&self) -> Duration {
-        let now = self.start.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Counts bytes read from `inner` into a live counter and the activity clock.
-    struct Metered<S> {
-        #[pin]
-        inner: S,
-        counter: metrics::Counter,
-        total: u64,
-        activity: Arc<Activity>,
-    }
-}
-
-impl<S: AsyncRead> AsyncRead for Metered<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let r = this.inner.poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            this.counter.increment(n);
-            *this.total += n;
-            this.activity.touch();
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite> AsyncWrite for Metered<S> {
-    crate::io::forward_async_write!();
-}
-
-/// Join two streams until both directions end, an error, or `idle` without
-/// a byte either way. Used for upgraded HTTP connections. A direction ends
-/// at EOF, passed on as a write shutdown; with `linger`, once one direction
-/// has ended the other gets at most that long to end as well.
-pub async fn join_with_idle<A, B>(
-    a: &mut A,
-    b: &mut B,
-    idle: Duration,
-    linger: Option<Duration>,
-) -> Result<(), String>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let activity = Activity::new();
-    // Only the activity clock: callers count their own bytes.
-    let a = Metered {
-        inner: a,
-        counter: metrics::Counter::noop(),
-        total: 0,
-        activity: activity.clone(),
-    };
-    let b = Metered {
-        inner: b,
-        counter: metrics::Counter::noop(),
-        total: 0,
-        activity: activity.clone(),
-    };
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let a_to_b = async move {
-        eof_is_end(tokio::io::copy(&mut ar, &mut bw).await)?;
-        bw.shutdown().await
-    };
-    let b_to_a = async move {
-        eof_is_end(tokio::io::copy(&mut br, &mut aw).await)?;
-        aw.shutdown().await
-    };
-    let watchdog = idle_watchdog(&activity, idle);
-    tokio::pin!(a_to_b, b_to_a, watchdog);
-    let a_done = tokio::select! {
-        r = &mut a_to_b => { r.map_err(|e| e.to_string())?; true }
-        r = &mut b_to_a => { r.map_err(|e| e.to_string())?; false }
-        _ = &mut watchdog => return Err("idle timeout".into()),
-    };
-    let rest = async {
-        if a_done {
-            b_to_a.as_mut().await
-        } else {
-            a_to_b.as_mut().await
-        }
-    };
-    let linger = async {
-        match linger {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        r = rest => r.map_err(|e| e.to_string()),
-        _ = linger => Ok(()),
-        _ = &mut watchdog => Err("idle timeout".into()),
-    }
-}
-
-/// A TLS peer that closes without close_notify (most WebSocket clients do
-/// after the close handshake) has ended its stream, not failed it.
-fn eof_is_end(r: io::Result<u64>) -> io::Result<()> {
-    match r {
-        Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => Err(e),
-        _ => Ok(()),
-    }
-}
-
-async fn idle_watchdog(activity: &Activity, idle: Duration) {
-    loop {
-        let quiet = activity.idle_for();
-        if quiet >= idle {
-            return;
-        }
-        tokio::time::sleep(idle - quiet).await;
-    }
 }
 
 /// What to do with one passthrough connection.
@@ -319,23 +165,10 @@ pub async fn serve<C>(
         let _active = crate::metrics::GaugeGuard::new(
             metrics::gauge!(m::TUNNEL_ACTIVE, "backend" => job.backend.name.clone()),
         );
-        match (client, conn) {
-            (ClientSide::Tcp(c), BackendStream::Tcp(b)) if job.splice => {
-                splice_sockets(c, b, &job, shutdown).await
-            }
-            (ClientSide::Tcp(c), BackendStream::Unix(b)) if job.splice => {
-                splice_sockets(c, b, &job, shutdown).await
-            }
-            (ClientSide::Tcp(c), BackendStream::Tcp(b)) => pipe_streams(c, b, &job, shutdown).await,
-            (ClientSide::Tcp(c), BackendStream::Unix(b)) => {
-                pipe_streams(c, b, &job, shutdown).await
-            }
-            (ClientSide::Stream(c), BackendStream::Tcp(b)) => {
-                pipe_streams(c, b, &job, shutdown).await
-            }
-            (ClientSide::Stream(c), BackendStream::Unix(b)) => {
-                pipe_streams(c, b, &job, shutdown).await
-            }
+        match client {
+            ClientSide::Tcp(c) if job.splice => splice_sockets(c, conn, &job, shutdown).await,
+            ClientSide::Tcp(c) => pipe_streams(c, conn, &job, shutdown).await,
+            ClientSide::Stream(c) => pipe_streams(c, conn, &job, shutdown).await,
         }
     };
     let secs = started.elapsed().as_secs_f64();
@@ -361,7 +194,7 @@ struct Opened {
     down: metrics::Counter,
     /// Client bytes already sent (the replayed first bytes).
     client_first: u64,
-    activity: Arc<Activity>,
+    activity: std::sync::Arc<Activity>,
 }
 
 async fn open<B: AsyncWrite + Unpin>(
@@ -374,7 +207,7 @@ async fn open<B: AsyncWrite + Unpin>(
         return Err(TunnelStats {
             up: 0,
             down: 0,
-            cause: CloseCause::Error(format!("write to backend: {e}")),
+            cause: CloseCause::BackendWrite(e),
         });
     }
     // The PROXY header is ours, not the client's: count only client bytes.
@@ -391,7 +224,7 @@ async fn open<B: AsyncWrite + Unpin>(
 fn end_cause(r: io::Result<()>) -> CloseCause {
     match r {
         Ok(()) => CloseCause::Done,
-        Err(e) => CloseCause::Error(e.to_string()),
+        Err(e) => CloseCause::Error(e),
     }
 }
 
@@ -448,18 +281,8 @@ where
         Ok(o) => o,
         Err(stats) => return stats,
     };
-    let mut c = Metered {
-        inner: client,
-        counter: o.up,
-        total: o.client_first,
-        activity: o.activity.clone(),
-    };
-    let mut b = Metered {
-        inner: backend,
-        counter: o.down,
-        total: 0,
-        activity: o.activity.clone(),
-    };
+    let mut c = Metered::new(client, o.up, o.client_first, o.activity.clone());
+    let mut b = Metered::new(backend, o.down, 0, o.activity.clone());
     let cause = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut b, COPY_BUF, COPY_BUF) => end_cause(r.map(|_| ())),
         _ = idle_watchdog(&o.activity, job.idle) => CloseCause::Idle,

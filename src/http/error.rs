@@ -3,8 +3,9 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use super::body::{RequestProgress, ResponseBody};
-use super::upstream::ConnectFailure;
+use super::body::ResponseBody;
+use super::exchange::{Exchange, RequestProgress};
+use crate::dial::DialError;
 
 /// Everything that can stop a request, with whose fault it is.
 #[derive(Debug, thiserror::Error)]
@@ -81,15 +82,23 @@ impl ProxyError {
         r
     }
 
+    /// Answer with this error's one-line response, counted and logged as
+    /// the outcome of `ex`'s request.
+    pub fn answer(&self, ex: &mut Exchange) -> Response<ResponseBody> {
+        let r = self.response();
+        ex.failed(r.status().as_u16(), self.to_string());
+        r
+    }
+
     /// A failed connect outside the pool.
-    pub fn from_connect(upstream: &str, cf: &ConnectFailure) -> ProxyError {
+    pub fn from_connect(upstream: &str, cf: &DialError) -> ProxyError {
         let upstream = upstream.to_string();
         match cf {
-            ConnectFailure::Timeout { .. } => ProxyError::UpstreamTimeout {
+            DialError::Timeout { .. } => ProxyError::UpstreamTimeout {
                 upstream,
                 detail: cf.to_string(),
             },
-            ConnectFailure::Io { .. } => ProxyError::UpstreamRefused {
+            DialError::Io { .. } => ProxyError::UpstreamRefused {
                 upstream,
                 detail: cf.to_string(),
             },
@@ -102,12 +111,12 @@ impl ProxyError {
         e: hyper_util::client::legacy::Error,
         progress: &RequestProgress,
     ) -> ProxyError {
-        if super::proxy::body_cut(progress) {
+        if progress.cut() {
             if let Some(limit) = find::<super::body::TooLarge>(&e) {
                 return ProxyError::BodyTooLarge(limit.0);
             }
         }
-        if let Some(cf) = find::<ConnectFailure>(&e) {
+        if let Some(cf) = find::<DialError>(&e) {
             return ProxyError::from_connect(upstream, cf);
         }
         let detail = chain(&e);

@@ -1,13 +1,23 @@
 //! The HTTP half: one hyper connection (HTTP/1.1 or h2) per terminated TLS
-//! stream, the location router, the upstream pools and the streaming proxy.
+//! stream, the location router, the upstream pools and the streaming proxy;
+//! also the plain-HTTP redirect server.
+//!
+//! Inside, each module uses only those listed before it:
+//! `framing`, `headers`, `router` -> `exchange` (access log + metrics) ->
+//! `body` -> `error` (error-to-response) -> `upstream` -> `site` (site and
+//! connection state) -> `websocket` -> `proxy` (the request handler) ->
+//! [`serve`]. `redirect` stands alone.
 
 pub mod body;
 pub mod conformance;
 pub mod error;
+pub mod exchange;
 pub mod framing;
 pub mod headers;
 pub mod proxy;
+pub mod redirect;
 pub mod router;
+pub mod site;
 pub mod upstream;
 pub mod websocket;
 pub mod ws_auto;
@@ -19,10 +29,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Limits, Timeouts};
-use proxy::{ConnContext, SiteRuntime};
+use site::{ConnContext, SiteRuntime};
 
 /// h2 receive windows: 1 MiB per stream lets one upload run at full speed on
 /// a 10 ms path; 4 MiB per connection bounds what one client can make us hold.
@@ -38,19 +47,16 @@ pub enum Negotiated {
     Unknown,
 }
 
-/// Everything `serve` needs besides the stream.
-pub struct ServeOptions {
-    pub limits: Limits,
-    pub timeouts: Timeouts,
-    /// Begin a graceful close (GOAWAY / close after the current response).
-    pub shutdown: CancellationToken,
-    /// Drop the connection now.
-    pub hard_stop: CancellationToken,
-}
-
 /// Serve HTTP on one (decrypted) connection until it ends.
-pub async fn serve<I>(io: I, site: Arc<SiteRuntime>, ctx: Arc<ConnContext>, opts: ServeOptions)
-where
+/// `ctx.life` ends it: shutdown begins a graceful close (GOAWAY / close
+/// after the current response), hard stop drops it.
+pub async fn serve<I>(
+    io: I,
+    site: Arc<SiteRuntime>,
+    ctx: Arc<ConnContext>,
+    limits: Limits,
+    timeouts: Timeouts,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -58,23 +64,24 @@ where
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(opts.timeouts.request_header)
-        .max_buf_size(opts.limits.max_header_size.max(8192))
-        .max_headers(opts.limits.max_headers);
+        .header_read_timeout(timeouts.request_header)
+        .max_buf_size(limits.max_header_size.max(8192))
+        .max_headers(limits.max_headers);
     builder
         .http2()
         .timer(TokioTimer::new())
         .enable_connect_protocol()
-        .max_concurrent_streams(opts.limits.max_h2_streams)
+        .max_concurrent_streams(limits.max_h2_streams)
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONN_WINDOW)
-        .max_header_list_size(opts.limits.max_header_size as u32)
+        .max_header_list_size(limits.max_header_size as u32)
         // Rapid reset (CVE-2023-44487): cap streams a client may open and
         // cancel before we close the connection.
         .max_pending_accept_reset_streams(Some(64))
         .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(20));
+    let life = ctx.life.clone();
     let svc = service_fn(move |req| {
         let site = site.clone();
         let ctx = ctx.clone();
@@ -84,11 +91,11 @@ where
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = opts.shutdown.cancelled() => {
+        _ = life.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             tokio::select! {
                 r = conn.as_mut() => r,
-                _ = opts.hard_stop.cancelled() => Ok(()),
+                _ = life.hard_stop.cancelled() => Ok(()),
             }
         }
     };

@@ -1,147 +1,23 @@
 //! The request handler of terminated sites: Host check, location, CORS,
 //! direct responses, and the streaming proxy to upstreams.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
-use super::body::{Exchange, RequestBody, RequestProgress, ResponseBody, StreamKind};
+use super::body::{RequestBody, ResponseBody};
 use super::error::ProxyError;
+use super::exchange::{Exchange, RequestProgress, StreamKind};
 use super::headers::{self, Forwarded};
-use super::router::Router;
+use super::site::{Action, ConnContext, SiteRuntime};
 use super::upstream::UpstreamClient;
 use super::websocket;
-use crate::config::{Cors, MatchKind, Site, Target};
+use crate::config::{Cors, Site};
 use crate::metrics as m;
-
-/// A location ready to serve.
-pub struct LocationRuntime {
-    pub name: Arc<str>,
-    pub metrics: Arc<crate::metrics::LocationMetrics>,
-    pub action: Action,
-    pub websocket: crate::config::WebSocketMode,
-}
-
-/// What a location does with a request, prepared at config load.
-pub enum Action {
-    /// A fixed answer (`respond = {..}`).
-    Respond {
-        status: StatusCode,
-        body: Bytes,
-        content_type: Option<HeaderValue>,
-    },
-    /// Proxy to the upstream's pool.
-    Upstream(Option<Arc<UpstreamClient>>),
-}
-
-/// A site ready to serve: compiled router, headers, upstream clients.
-pub struct SiteRuntime {
-    pub name: Arc<str>,
-    pub config: Arc<Site>,
-    pub router: Router,
-    pub locations: Vec<LocationRuntime>,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// CORS preflight answer headers (methods, headers, max-age).
-    pub preflight: Vec<(HeaderName, HeaderValue)>,
-    pub idle: std::time::Duration,
-    /// `limits.max_uri_length`: longer request targets get 414.
-    pub max_uri: usize,
-    /// Metrics of requests no location takes (404, 421, 400): `location="none"`.
-    pub unmatched: Arc<crate::metrics::LocationMetrics>,
-}
-
-impl SiteRuntime {
-    pub fn new(
-        site: Arc<Site>,
-        clients: &BTreeMap<String, Arc<UpstreamClient>>,
-        idle: std::time::Duration,
-        max_uri: usize,
-    ) -> SiteRuntime {
-        let router = Router::new(
-            site.locations
-                .iter()
-                .map(|l| (l.path.as_str(), l.match_kind == MatchKind::Exact)),
-        );
-        let locations = site
-            .locations
-            .iter()
-            .map(|l| LocationRuntime {
-                name: Arc::from(l.name.as_str()),
-                metrics: Arc::new(crate::metrics::LocationMetrics::new(&site.name, &l.name)),
-                action: match &l.target {
-                    Target::Upstream(u) => Action::Upstream(clients.get(&u.name).cloned()),
-                    Target::Respond {
-                        status,
-                        body,
-                        content_type,
-                    } => Action::Respond {
-                        status: StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
-                        body: Bytes::from(body.clone()),
-                        content_type: HeaderValue::from_str(content_type).ok(),
-                    },
-                },
-                websocket: l.websocket,
-            })
-            .collect();
-        // Validated at config load; anything unparsable was rejected there.
-        let headers = site
-            .headers
-            .iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    HeaderName::from_bytes(k.as_bytes()).ok()?,
-                    HeaderValue::from_str(v).ok()?,
-                ))
-            })
-            .collect();
-        let unmatched = Arc::new(crate::metrics::LocationMetrics::new(&site.name, "none"));
-        let preflight = site
-            .cors
-            .as_ref()
-            .map(preflight_headers)
-            .unwrap_or_default();
-        SiteRuntime {
-            name: Arc::from(site.name.as_str()),
-            config: site,
-            router,
-            locations,
-            headers,
-            preflight,
-            idle,
-            max_uri,
-            unmatched,
-        }
-    }
-
-    fn admits_host(&self, host: &str) -> bool {
-        self.config.any_name || self.config.names.iter().any(|p| p.matches(host))
-    }
-
-    /// The site's configured response headers (`headers = {..}`).
-    pub fn add_headers(&self, h: &mut http::HeaderMap) {
-        for (k, v) in &self.headers {
-            h.insert(k.clone(), v.clone());
-        }
-    }
-}
-
-/// Per-connection facts the handler needs.
-pub struct ConnContext {
-    pub client: IpAddr,
-    /// Set by the HTTP/1.x framing guard when it refused a request head.
-    pub verdict: Arc<super::framing::Verdict>,
-    /// Upgraded streams outlive their request: tracked for shutdown drains.
-    pub tasks: tokio_util::task::TaskTracker,
-    /// Cut upgraded streams when the shutdown grace period is over.
-    pub hard_stop: tokio_util::sync::CancellationToken,
-}
 
 /// Method label from a fixed set, so clients cannot add series.
 pub fn method_label(m: &Method) -> &'static str {
@@ -199,8 +75,8 @@ pub async fn handle(
     };
     let unmatched = |err: ProxyError| {
         let mut ex = exchange(site.unmatched.clone());
-        let resp = ex.fail(&err);
-        finish(resp, ex, &site)
+        let resp = err.answer(&mut ex);
+        site.finish(resp, ex)
     };
     if let Some(refusal) = conn.verdict.get() {
         return unmatched(ProxyError::BadRequest(refusal.message()));
@@ -251,7 +127,7 @@ pub async fn handle(
                 }
             }
             ex.respond(204, StreamKind::Http);
-            return finish(resp, ex, &site);
+            return site.finish(resp, ex);
         }
     }
 
@@ -275,8 +151,8 @@ pub async fn handle(
             };
             if websocket::is_upgrade(&req) {
                 if !loc.websocket.forwards() {
-                    let r = ex.fail(&ProxyError::WebSocketDisabled);
-                    return finish(r, ex, &site);
+                    let r = ProxyError::WebSocketDisabled.answer(&mut ex);
+                    return site.finish(r, ex);
                 }
                 // Boxed: rare next to plain requests, and its state is large.
                 return Box::pin(websocket::proxy(req, client, &authority, &conn, ex, &site)).await;
@@ -304,7 +180,7 @@ pub async fn handle(
                     Err(err) => {
                         client.count_failure(&err);
                         tracing::warn!(site = %site.name, location = %loc.name, upstream = %client.config.name, error = %err, "upstream request failed");
-                        ex.fail(&err)
+                        err.answer(&mut ex)
                     }
                 }
             }
@@ -315,7 +191,7 @@ pub async fn handle(
             add_cors_headers(&mut resp, cors, origin);
         }
     }
-    finish(resp, ex, &site)
+    site.finish(resp, ex)
 }
 
 /// Requests refused before routing: too long, ambiguous framing or Host.
@@ -350,16 +226,6 @@ fn check_request<B>(req: &Request<B>, max_uri: usize) -> Option<ProxyError> {
     None
 }
 
-/// Site headers, then attach the exchange (metrics + access log) to the body.
-pub(super) fn finish(
-    mut resp: Response<ResponseBody>,
-    ex: Exchange,
-    site: &SiteRuntime,
-) -> Response<ResponseBody> {
-    site.add_headers(resp.headers_mut());
-    resp.map(|b| b.with_exchange(ex))
-}
-
 fn is_event_stream(h: &http::HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -386,23 +252,6 @@ fn add_cors_headers<B>(resp: &mut Response<B>, cors: &Cors, origin: &HeaderValue
             HeaderValue::from_static("true"),
         );
     }
-}
-
-/// The headers a preflight answer adds besides [`add_cors_headers`]; built
-/// once per site.
-fn preflight_headers(cors: &Cors) -> Vec<(HeaderName, HeaderValue)> {
-    let mut h = Vec::new();
-    if let Ok(v) = HeaderValue::from_str(&cors.methods.join(", ")) {
-        h.push((header::ACCESS_CONTROL_ALLOW_METHODS, v));
-    }
-    if let Ok(v) = HeaderValue::from_str(&cors.headers.join(", ")) {
-        h.push((header::ACCESS_CONTROL_ALLOW_HEADERS, v));
-    }
-    h.push((
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from(cors.max_age.as_secs()),
-    ));
-    h
 }
 
 /// Idempotent methods may be replayed when nothing of the body was sent.
@@ -481,7 +330,7 @@ async fn forward(
     let mut body = RequestBody::new(body, site.max_body, progress.clone(), counter);
     if chunked {
         if let Err(e) = body.prime().await {
-            if body_cut(&progress) {
+            if progress.cut() {
                 return Err(ProxyError::BodyTooLarge(site.max_body.unwrap_or(0)));
             }
             tracing::debug!(error = %e, "malformed chunked request body");
@@ -524,9 +373,4 @@ fn is_stale_connection(e: &hyper_util::client::legacy::Error) -> bool {
         src = s.source();
     }
     false
-}
-
-/// True when the progress flag says the body limit cut the request.
-pub fn body_cut(progress: &RequestProgress) -> bool {
-    progress.too_large.load(Ordering::Relaxed)
 }

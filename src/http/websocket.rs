@@ -15,10 +15,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::body::{Exchange, ResponseBody, StreamKind};
+use super::body::ResponseBody;
 use super::error::ProxyError;
+use super::exchange::{Exchange, StreamKind};
 use super::headers::{self, Forwarded};
-use super::proxy::{finish, ConnContext, SiteRuntime};
+use super::site::{ConnContext, SiteRuntime};
 use super::upstream::UpstreamClient;
 
 /// How long the other side of a WebSocket may stay open after one side
@@ -83,8 +84,8 @@ pub async fn proxy(
         client.count_failure(&err);
         tracing::warn!(upstream = %client.config.name, error = %err, "WebSocket upstream failed");
         let mut ex = ex;
-        let r = ex.fail(&err);
-        finish(r, ex, site)
+        let r = err.answer(&mut ex);
+        site.finish(r, ex)
     };
     let reset = |e: hyper::Error| ProxyError::UpstreamReset {
         upstream: client.config.name.clone(),
@@ -172,7 +173,7 @@ pub async fn proxy(
         let mut resp = up_resp.map(ResponseBody::upstream);
         headers::strip_hop_by_hop(resp.headers_mut());
         ex.respond(resp.status().as_u16(), StreamKind::Http);
-        return finish(resp, ex, site);
+        return site.finish(resp, ex);
     }
     let upstream_upgrade = hyper::upgrade::on(&mut up_resp);
 
@@ -198,8 +199,8 @@ pub async fn proxy(
     let linger = protocol_name
         .eq_ignore_ascii_case("websocket")
         .then_some(WEBSOCKET_LINGER);
-    let hard_stop = conn_ctx.hard_stop.clone();
-    conn_ctx.tasks.spawn(async move {
+    let hard_stop = conn_ctx.life.hard_stop.clone();
+    conn_ctx.life.tasks.spawn(async move {
         let (c, u) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
             Ok(x) => x,
             Err(e) => {
@@ -213,7 +214,7 @@ pub async fn proxy(
         let mut c = Framed::new(TokioIo::new(c), to_up, ex.metrics.body_request.clone());
         let mut u = Framed::new(TokioIo::new(u), to_client, ex.metrics.body_response.clone());
         let result = tokio::select! {
-            r = crate::tunnel::join_with_idle(&mut c, &mut u, idle, linger) => r,
+            r = crate::io::join_with_idle(&mut c, &mut u, idle, linger) => r.map_err(|e| e.to_string()),
             _ = hard_stop.cancelled() => Err("shutdown".to_string()),
         };
         ex.response_bytes = u.bytes;

@@ -1,0 +1,211 @@
+//! The per-connection flow, top to bottom: inbound PROXY header -> peek
+//! the first bytes -> account failures -> `route::decide` -> dispatch to a
+//! tunnel, a terminated site or the redirect server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tracing::{debug, info};
+
+use crate::config::{Config, Listen};
+use crate::generation::{Dispatch, Generation};
+use crate::hello::{self, PeekError, Peeked};
+use crate::io::Prefixed;
+use crate::lifecycle::Lifecycle;
+use crate::metrics as m;
+use crate::proxy_protocol::{self, ConnInfo, Outbound};
+use crate::route::{self, Seen};
+use crate::tunnel;
+
+/// State shared by all listeners and connections for the life of the process.
+pub struct Shared {
+    pub current: ArcSwap<Generation>,
+    /// `limits.max_connections`: one permit per open client connection.
+    pub connections: Arc<Semaphore>,
+    /// `limits.max_pending_hellos`: connections still in PROXY/ClientHello reading.
+    pub pending_hellos: Arc<Semaphore>,
+    pub life: Lifecycle,
+}
+
+impl Shared {
+    pub fn new(generation: Generation) -> Arc<Shared> {
+        let limits = generation.config.limits;
+        Arc::new(Shared {
+            current: ArcSwap::from_pointee(generation),
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            pending_hellos: Arc::new(Semaphore::new(limits.max_pending_hellos)),
+            life: Lifecycle::new(),
+        })
+    }
+}
+
+/// Count a connection closed before any route took it.
+pub fn reject(listener: &Arc<str>) {
+    metrics::counter!(m::CONNECTIONS, "listener" => listener.clone(), "route" => "none", "action" => "reject").increment(1);
+}
+
+/// Serve one accepted connection on listener `addr` (labelled `label`) to its end.
+pub async fn handle(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddr,
+    label: Arc<str>,
+    shared: Arc<Shared>,
+) {
+    let gen = shared.current.load_full();
+    let cfg = &gen.config;
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let Some(listen) = cfg.listeners.iter().find(|l| l.addr == addr) else {
+        // The listener was removed by a reload while this connection was queued.
+        return;
+    };
+    let started = Instant::now();
+    let deadline = cfg.timeouts.client_hello;
+
+    let Ok(pending) = shared.pending_hellos.clone().try_acquire_owned() else {
+        metrics::counter!(m::CONNECTIONS_REFUSED, "listener" => label.clone(), "limit" => "max_pending_hellos").increment(1);
+        reject(&label);
+        debug!("too many connections still sending their first bytes; closing");
+        return;
+    };
+    let mut buf = BytesMut::with_capacity(2048);
+    let mut info = ConnInfo {
+        client: peer,
+        local,
+    };
+    if listen.accept_proxy {
+        let read = tokio::select! {
+            r = inbound_proxy(&mut stream, &mut buf, listen, &mut info, cfg) => r,
+            // Shutting down: nothing was asked of us yet, so nothing to drain.
+            _ = shared.life.shutdown.cancelled() => return,
+        };
+        if let Err(reason) = read {
+            metrics::counter!(m::PROXY_HEADER_FAILURES, "listener" => label.clone(), "reason" => reason).increment(1);
+            reject(&label);
+            return;
+        }
+    }
+
+    let remaining = deadline.saturating_sub(started.elapsed());
+    let peeked = tokio::select! {
+        p = hello::peek(&mut stream, &mut buf, remaining) => p,
+        // Like an idle keep-alive connection: no request yet, close at once.
+        _ = shared.life.shutdown.cancelled() => {
+            debug!(client = %info.client, "shutting down before the first bytes; closing");
+            return;
+        }
+    };
+    drop(pending);
+    let peeked = match peeked {
+        Ok(p) => Some(p),
+        Err(PeekError::Silent(_)) if cfg.has_silent_route() => None,
+        Err(e) => {
+            let reason = match &e {
+                PeekError::Silent(_) | PeekError::Timeout(..) => "timeout",
+                PeekError::Detect(hello::DetectError::TooLarge) => "too_large",
+                PeekError::Eof(0) | PeekError::Io(_) => {
+                    // Port scanners and health checks that connect and leave: not a hello failure.
+                    debug!(error = %e, "closed before sending anything");
+                    reject(&label);
+                    return;
+                }
+                _ => "malformed",
+            };
+            metrics::counter!(m::CLIENT_HELLO_FAILURES, "reason" => reason).increment(1);
+            reject(&label);
+            debug!(client = %info.client, error = %e, "closing before routing");
+            return;
+        }
+    };
+    let seen = match &peeked {
+        Some(p) => Seen::Peeked(p),
+        None => Seen::Silent,
+    };
+    let Some(routed) = route::decide(seen, &gen.routes) else {
+        metrics::counter!(m::CLIENT_HELLO_FAILURES, "reason" => "no_route").increment(1);
+        reject(&label);
+        debug!(client = %info.client, first = ?peeked, "no route matches; closing");
+        return;
+    };
+    let route = &routed.route;
+    metrics::counter!(m::CONNECTIONS, "listener" => label.clone(), "route" => route.label.clone(), "action" => route.action.kind()).increment(1);
+
+    let hello = match &peeked {
+        Some(Peeked::Tls(h)) => Some(h),
+        _ => None,
+    };
+    match &routed.dispatch {
+        Dispatch::Pass(backend) => {
+            let out = Outbound {
+                source: info.client,
+                destination: info.local,
+                sni: hello.and_then(|h| h.sni.as_deref()),
+                alpn: hello.and_then(|h| h.alpn.first().map(Vec::as_slice)),
+            };
+            let job = tunnel::Job::new(
+                backend,
+                &out,
+                &buf,
+                &route.label,
+                &cfg.timeouts,
+                cfg.tunnel.splice,
+            );
+            drop(buf);
+            tunnel::serve(
+                tunnel::ClientSide::<TcpStream>::Tcp(stream),
+                job,
+                shared.life.hard_stop.cancelled(),
+            )
+            .await;
+        }
+        Dispatch::Terminate(site) => {
+            let prefixed = Prefixed::new(buf, stream);
+            // Boxed: the TLS + HTTP state machine is several KiB; passthrough
+            // connections should not carry (and copy) that space.
+            Box::pin(crate::terminate::serve(prefixed, site, info, &shared.life)).await;
+        }
+        Dispatch::Redirect => {
+            let prefixed = Prefixed::new(buf, stream);
+            Box::pin(crate::http::redirect::serve(
+                prefixed,
+                info.client,
+                cfg.timeouts.request_header,
+                &shared.life.shutdown,
+            ))
+            .await;
+        }
+    }
+}
+
+/// Read the PROXY header a trusted front sends; `Err` holds the metric reason.
+async fn inbound_proxy(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    listen: &Listen,
+    info: &mut ConnInfo,
+    cfg: &Config,
+) -> Result<(), &'static str> {
+    if !listen.is_trusted(info.client.ip()) {
+        info!(peer = %info.client, "PROXY header expected from an untrusted peer; closing");
+        return Err("untrusted");
+    }
+    match proxy_protocol::read_inbound(stream, buf, cfg.timeouts.client_hello).await {
+        Ok(Some(carried)) => {
+            info.client = carried.source;
+            info.local = carried.destination;
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => {
+            info!(peer = %info.client, error = %e, "bad PROXY header; closing");
+            Err(e.reason())
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The exchange record: everything known about one request/response, counted
+//! in the location's metrics and written as one access log line when the
+//! response ends.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::metrics::{self as m, GaugeGuard, LocationMetrics};
+
+/// Shared between the request body (which counts) and the exchange record.
+#[derive(Debug, Default)]
+pub struct RequestProgress {
+    pub bytes: AtomicU64,
+    pub too_large: AtomicBool,
+}
+
+impl RequestProgress {
+    /// True when the body limit cut the request.
+    pub fn cut(&self) -> bool {
+        self.too_large.load(Ordering::Relaxed)
+    }
+}
+
+/// Kinds of HTTP streams, for `portico_http_streams_active` and durations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Http,
+    Sse,
+    WebSocket,
+}
+
+impl StreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Http => "http",
+            StreamKind::Sse => "sse",
+            StreamKind::WebSocket => "websocket",
+        }
+    }
+}
+
+/// Everything known about one request/response, logged once when the
+/// response ends (completed, aborted by the client, or failed).
+pub struct Exchange {
+    pub metrics: Arc<LocationMetrics>,
+    pub method: &'static str,
+    pub path: String,
+    pub status: u16,
+    pub protocol: &'static str,
+    pub client: std::net::IpAddr,
+    pub started: Instant,
+    pub first_byte: Option<Instant>,
+    pub request: Arc<RequestProgress>,
+    pub response_bytes: u64,
+    pub kind: StreamKind,
+    pub error: Option<String>,
+    _active: Option<GaugeGuard>,
+    /// Keeps the connection's "answering a request" mark while the response lives.
+    pub in_flight: Option<super::framing::InFlight>,
+}
+
+impl StreamKind {
+    fn index(self) -> usize {
+        match self {
+            StreamKind::Http => 0,
+            StreamKind::Sse => 1,
+            StreamKind::WebSocket => 2,
+        }
+    }
+}
+
+impl Exchange {
+    pub fn new(
+        metrics: Arc<LocationMetrics>,
+        method: &'static str,
+        path: String,
+        protocol: &'static str,
+        client: std::net::IpAddr,
+        started: Instant,
+        request: Arc<RequestProgress>,
+    ) -> Exchange {
+        Exchange {
+            metrics,
+            method,
+            path,
+            status: 0,
+            protocol,
+            client,
+            started,
+            first_byte: None,
+            request,
+            response_bytes: 0,
+            kind: StreamKind::Http,
+            error: None,
+            _active: None,
+            in_flight: None,
+        }
+    }
+
+    /// The response head is known: count the request, open the stream gauge.
+    pub fn respond(&mut self, status: u16, kind: StreamKind) {
+        self.status = status;
+        self.kind = kind;
+        self.count_request(status_label(status));
+        self._active = Some(GaugeGuard::new(self.metrics.active[kind.index()].clone()));
+    }
+
+    /// The request failed with `error`, answered with `status`: counted and
+    /// logged as this request's outcome.
+    pub fn failed(&mut self, status: u16, error: String) {
+        self.error = Some(error);
+        self.respond(status, StreamKind::Http);
+    }
+
+    /// `portico_http_requests_total` for this request (the labels share the
+    /// location's strings, so counting allocates nothing for common statuses).
+    fn count_request(&self, status: metrics::SharedString) {
+        metrics::counter!(m::HTTP_REQUESTS,
+            "site" => self.metrics.site.clone(), "location" => self.metrics.location.clone(),
+            "method" => self.method, "status" => status, "protocol" => self.protocol)
+        .increment(1);
+    }
+
+    pub(super) fn mark_first_byte(&mut self) {
+        if self.first_byte.is_none() {
+            let now = Instant::now();
+            self.first_byte = Some(now);
+            self.metrics
+                .first_byte
+                .record(now.duration_since(self.started).as_secs_f64());
+        }
+    }
+}
+
+/// Status as a label without allocating for the common ones.
+fn status_label(status: u16) -> metrics::SharedString {
+    match status {
+        200 => "200".into(),
+        101 => "101".into(),
+        204 => "204".into(),
+        304 => "304".into(),
+        404 => "404".into(),
+        502 => "502".into(),
+        other => other.to_string().into(),
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        if self.status == 0 {
+            // Dropped before any response head: the client went away (connection
+            // closed, h2 stream reset) while the upstream had not answered yet.
+            // Count it like nginx's 499 so cancelled requests reach dashboards.
+            self.status = 499;
+            self.error
+                .get_or_insert_with(|| "client closed the request before the response head".into());
+            self.count_request("499".into());
+        }
+        if self._active.is_some() {
+            self.metrics.duration[self.kind.index()].record(elapsed.as_secs_f64());
+        }
+        let first_byte_ms = self
+            .first_byte
+            .map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0);
+        tracing::info!(
+            target: "portico::access",
+            kind = "http",
+            site = %self.metrics.site,
+            location = %self.metrics.location,
+            method = self.method,
+            path = %self.path,
+            status = self.status,
+            protocol = self.protocol,
+            stream = self.kind.as_str(),
+            bytes_in = self.request.bytes.load(Ordering::Relaxed),
+            bytes_out = self.response_bytes,
+            first_byte_ms = first_byte_ms.map(|v| (v * 10.0).round() / 10.0),
+            duration_ms = (elapsed.as_secs_f64() * 10_000.0).round() / 10.0,
+            client = %self.client,
+            error = self.error.as_deref(),
+            "request"
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! Site and connection state of terminated HTTP: a site compiled from its
+//! config (router, locations, headers, upstream clients) and what the
+//! handler knows about the connection a request came on.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+
+use super::body::ResponseBody;
+use super::exchange::Exchange;
+use super::router::Router;
+use super::upstream::UpstreamClient;
+use crate::config::{Cors, MatchKind, Site, Target};
+use crate::lifecycle::Lifecycle;
+
+/// A location ready to serve.
+pub struct LocationRuntime {
+    pub name: Arc<str>,
+    pub metrics: Arc<crate::metrics::LocationMetrics>,
+    pub action: Action,
+    pub websocket: crate::config::WebSocketMode,
+}
+
+/// What a location does with a request, prepared at config load.
+pub enum Action {
+    /// A fixed answer (`respond = {..}`).
+    Respond {
+        status: StatusCode,
+        body: Bytes,
+        content_type: Option<HeaderValue>,
+    },
+    /// Proxy to the upstream's pool.
+    Upstream(Option<Arc<UpstreamClient>>),
+}
+
+/// A site ready to serve: compiled router, headers, upstream clients.
+pub struct SiteRuntime {
+    pub name: Arc<str>,
+    pub config: Arc<Site>,
+    pub router: Router,
+    pub locations: Vec<LocationRuntime>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// CORS preflight answer headers (methods, headers, max-age).
+    pub preflight: Vec<(HeaderName, HeaderValue)>,
+    pub idle: std::time::Duration,
+    /// `limits.max_uri_length`: longer request targets get 414.
+    pub max_uri: usize,
+    /// Metrics of requests no location takes (404, 421, 400): `location="none"`.
+    pub unmatched: Arc<crate::metrics::LocationMetrics>,
+}
+
+impl SiteRuntime {
+    pub fn new(
+        site: Arc<Site>,
+        clients: &BTreeMap<String, Arc<UpstreamClient>>,
+        idle: std::time::Duration,
+        max_uri: usize,
+    ) -> SiteRuntime {
+        let router = Router::new(
+            site.locations
+                .iter()
+                .map(|l| (l.path.as_str(), l.match_kind == MatchKind::Exact)),
+        );
+        let locations = site
+            .locations
+            .iter()
+            .map(|l| LocationRuntime {
+                name: Arc::from(l.name.as_str()),
+                metrics: Arc::new(crate::metrics::LocationMetrics::new(&site.name, &l.name)),
+                action: match &l.target {
+                    Target::Upstream(u) => Action::Upstream(clients.get(&u.name).cloned()),
+                    Target::Respond {
+                        status,
+                        body,
+                        content_type,
+                    } => Action::Respond {
+                        status: StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
+                        body: Bytes::from(body.clone()),
+                        content_type: HeaderValue::from_str(content_type).ok(),
+                    },
+                },
+                websocket: l.websocket,
+            })
+            .collect();
+        // Validated at config load; anything unparsable was rejected there.
+        let headers = site
+            .headers
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    HeaderName::from_bytes(k.as_bytes()).ok()?,
+                    HeaderValue::from_str(v).ok()?,
+                ))
+            })
+            .collect();
+        let unmatched = Arc::new(crate::metrics::LocationMetrics::new(&site.name, "none"));
+        let preflight = site
+            .cors
+            .as_ref()
+            .map(preflight_headers)
+            .unwrap_or_default();
+        SiteRuntime {
+            name: Arc::from(site.name.as_str()),
+            config: site,
+            router,
+            locations,
+            headers,
+            preflight,
+            idle,
+            max_uri,
+            unmatched,
+        }
+    }
+
+    pub fn admits_host(&self, host: &str) -> bool {
+        self.config.any_name || self.config.names.iter().any(|p| p.matches(host))
+    }
+
+    /// The site's configured response headers (`headers = {..}`).
+    pub fn add_headers(&self, h: &mut http::HeaderMap) {
+        for (k, v) in &self.headers {
+            h.insert(k.clone(), v.clone());
+        }
+    }
+
+    /// Site headers, then attach the exchange (metrics + access log) to the body.
+    pub fn finish(&self, mut resp: Response<ResponseBody>, ex: Exchange) -> Response<ResponseBody> {
+        self.add_headers(resp.headers_mut());
+        resp.map(|b| b.with_exchange(ex))
+    }
+}
+
+/// Per-connection facts the handler needs.
+pub struct ConnContext {
+    pub client: IpAddr,
+    /// Set by the HTTP/1.x framing guard when it refused a request head.
+    pub verdict: Arc<super::framing::Verdict>,
+    /// Upgraded streams outlive their request: tracked for shutdown drains
+    /// and cut when the grace period is over.
+    pub life: Lifecycle,
+}
+
+/// The headers a preflight answer adds besides [`add_cors_headers`]; built
+/// once per site.
+fn preflight_headers(cors: &Cors) -> Vec<(HeaderName, HeaderValue)> {
+    let mut h = Vec::new();
+    if let Ok(v) = HeaderValue::from_str(&cors.methods.join(", ")) {
+        h.push((header::ACCESS_CONTROL_ALLOW_METHODS, v));
+    }
+    if let Ok(v) = HeaderValue::from_str(&cors.headers.join(", ")) {
+        h.push((header::ACCESS_CONTROL_ALLOW_HEADERS, v));
+    }
+    h.push((
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from(cors.max_age.as_secs()),
+    ));
+    h
+}
