@@ -23,6 +23,8 @@ pub struct LocationRuntime {
     pub metrics: Arc<crate::metrics::LocationMetrics>,
     pub action: Action,
     pub websocket: crate::config::WebSocketMode,
+    /// `websocket = "auto"`: the upstream's remembered refusal.
+    pub ws_refusals: super::ws_auto::Refusals,
 }
 
 /// What a location does with a request, prepared at config load.
@@ -84,6 +86,7 @@ impl SiteRuntime {
                     },
                 },
                 websocket: l.websocket,
+                ws_refusals: Default::default(),
             })
             .collect();
         // Validated at config load; anything unparsable was rejected there.

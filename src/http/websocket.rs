@@ -11,16 +11,17 @@ use std::task::{Context, Poll};
 use base64::Engine as _;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::ResponseBody;
 use super::error::ProxyError;
-use super::exchange::{Exchange, StreamKind};
+use super::exchange::{Exchange, StreamKind, WebSocketSession};
 use super::headers::{self, Forwarded};
-use super::site::{ConnContext, SiteRuntime};
+use super::site::{ConnContext, LocationRuntime, SiteRuntime};
 use super::upstream::UpstreamClient;
+use super::ws_auto::{self, Direction, TurnClock};
+use crate::config::WebSocketMode;
 
 /// How long the other side of a WebSocket may stay open after one side
 /// closed its connection (after the close handshake, normally).
@@ -59,12 +60,13 @@ fn new_key() -> String {
 
 /// Proxy an upgrade request; returns the response for the client.
 pub async fn proxy(
-    mut req: Request<Incoming>,
+    mut req: Request<()>,
     client: Arc<UpstreamClient>,
     authority: &str,
     conn_ctx: &ConnContext,
     mut ex: Exchange,
     site: &SiteRuntime,
+    loc: &LocationRuntime,
 ) -> Response<ResponseBody> {
     let h2 = req.version() == Version::HTTP_2;
     let protocol_name = if h2 {
@@ -154,6 +156,28 @@ pub async fn proxy(
         Err(e) => return fail(ex, reset(e)),
     };
     if up_resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        if let WebSocketMode::Auto { recheck } = loc.websocket {
+            if ws_auto::is_refusal(up_resp.status()) {
+                // A relay without WebSocket: 426 makes the client use plain
+                // HTTP at once; remember it so the next ones need no trip.
+                loc.ws_refusals.remember(recheck);
+                let status = up_resp.status().as_u16();
+                tracing::info!(
+                    site = %site.name, location = %loc.name, upstream = %client.config.name, status,
+                    "upstream refused a WebSocket upgrade; answering 426 to upgrades for {}",
+                    humantime::format_duration(recheck)
+                );
+                // The upstream's body is dropped with its connection.
+                drop(up_resp);
+                let err = ProxyError::WebSocketUnsupported {
+                    upstream: client.config.name.clone(),
+                    status,
+                };
+                let mut r = err.answer(&mut ex);
+                ws_auto::mark_upgrade_required(&mut r, h2);
+                return site.finish(r, ex);
+            }
+        }
         if h2 && up_resp.status().is_success() {
             // RFC 8441 §5: on h2 a 2xx means "tunnel open", so a success
             // status that refuses the upgrade cannot be relayed as is (hyper
@@ -176,6 +200,7 @@ pub async fn proxy(
         return site.finish(resp, ex);
     }
     let upstream_upgrade = hyper::upgrade::on(&mut up_resp);
+    loc.ws_refusals.clear();
 
     let mut resp = Response::new(ResponseBody::empty());
     let mut out_headers = up_resp.headers().clone();
@@ -211,8 +236,11 @@ pub async fn proxy(
         };
         let to_up = ex.metrics.ws_to_upstream.clone();
         let to_client = ex.metrics.ws_to_client.clone();
-        let mut c = Framed::new(TokioIo::new(c), to_up, ex.metrics.body_request.clone());
-        let mut u = Framed::new(TokioIo::new(u), to_client, ex.metrics.body_response.clone());
+        let clock = Arc::new(TurnClock::new(ex.metrics.ws_response.clone()));
+        let mut c = Framed::new(TokioIo::new(c), to_up, ex.metrics.body_request.clone())
+            .with_clock(clock.clone(), Direction::ClientToUpstream);
+        let mut u = Framed::new(TokioIo::new(u), to_client, ex.metrics.body_response.clone())
+            .with_clock(clock.clone(), Direction::UpstreamToClient);
         let result = tokio::select! {
             r = crate::io::join_with_idle(&mut c, &mut u, idle, linger) => r.map_err(|e| e.to_string()),
             _ = hard_stop.cancelled() => Err("shutdown".to_string()),
@@ -225,6 +253,11 @@ pub async fn proxy(
         if let Err(e) = result {
             ex.error = Some(e);
         }
+        ex.websocket = Some(WebSocketSession {
+            messages_in: c.tracker.messages,
+            messages_out: u.tracker.messages,
+            turns: clock.summary(),
+        });
         // Dropping the exchange records the stream's duration and logs it.
         drop(ex);
     });
@@ -334,7 +367,7 @@ pin_project_lite::pin_project! {
     pub struct Framed<S> {
         #[pin]
         inner: S,
-        tracker: FrameTracker,
+        pub tracker: FrameTracker,
         counter: metrics::Counter,
         bytes_counter: metrics::Counter,
         pub bytes: u64,
