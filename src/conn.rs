@@ -170,7 +170,14 @@ pub async fn handle(
             // Boxed: the TLS + HTTP state machine is several KiB; passthrough
             // connections should not carry (and copy) that space.
             let sni = hello.and_then(|h| h.sni.as_deref());
-            Box::pin(crate::terminate::serve(prefixed, site, info, sni, &shared.life)).await;
+            Box::pin(crate::terminate::serve(
+                prefixed,
+                site,
+                info,
+                sni,
+                &shared.life,
+            ))
+            .await;
         }
         Dispatch::Redirect => {
             let prefixed = Prefixed::new(buf, stream);

@@ -588,9 +588,9 @@ async fn websocket_turns_are_timed() {
 async fn failed_handshakes_are_logged_once_per_client_per_minute() {
     bounded(60, async {
         let (portico, listen, _up) = recorded_site("").await;
-        // A client that trusts only another CA rejects portico's certificate.
-        let other = common::TestCert::generate();
-        let strict = common::tls_connector(&other, &["h2"], true);
+        // A client that trusts only another CA (with a name of its own)
+        // rejects portico's certificate.
+        let strict = other_ca_connector();
         for _ in 0..3 {
             let tcp = common::connect(listen).await;
             let name = rustls::pki_types::ServerName::try_from("api.test").expect("name");
@@ -622,10 +622,31 @@ async fn failed_handshakes_are_logged_once_per_client_per_minute() {
             line.contains("client rejected the certificate: UnknownCA"),
             "{line}"
         );
-        assert!(line.contains("sni=api.test"), "{line}");
+        assert!(line.contains("sni=\"api.test\""), "{line}");
         assert!(line.contains("client=127.0.0.1:"), "{line}");
     })
     .await;
+}
+
+/// A TLS client whose only root is a fresh CA named "another CA".
+fn other_ca_connector() -> tokio_rustls::TlsConnector {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "another CA");
+    let ca = params.self_signed(&key).expect("CA");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).expect("root");
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
 }
 
 // ---------------------------------------------------------------- h2 early responses
@@ -659,21 +680,6 @@ fn curl_upload(listen: SocketAddr, path: &str, size: usize) -> (i32, String, Str
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-#[tokio::test]
-async fn h2_413_reaches_curl_before_the_stream_is_reset() {
-    bounded(60, async {
-        let (_p, listen, upstream) = recorded_site(r#"max_body = "1MiB""#).await;
-        let listen2 = listen;
-        let (code, status, err) =
-            tokio::task::spawn_blocking(move || curl_upload(listen2, "/upload", 2 << 20))
-                .await
-                .expect("curl");
-        assert_eq!((code, status.as_str()), (0, "413"), "curl: {err}");
-        assert!(upstream.snapshot().requests.is_empty());
-    })
-    .await;
 }
 
 /// An upstream that answers every request with 401 without reading its body.

@@ -170,8 +170,10 @@ pub async fn handle(
                     return site.finish(r, ex);
                 }
                 // Boxed: rare next to plain requests, and its state is large.
-                return Box::pin(websocket::proxy(req, client, &authority, &conn, ex, &site, loc))
-                    .await;
+                return Box::pin(websocket::proxy(
+                    req, client, &authority, &conn, ex, &site, loc,
+                ))
+                .await;
             } else {
                 match forward(
                     req,
