@@ -460,6 +460,16 @@ async fn codex_over_sse_and_websocket() {
         assert_eq!(upgrade.path, "/ws/v1/responses");
         assert_eq!(upgrade.header("authorization"), Some("Bearer sk-standin-test"));
         let ws_lat = check_spacing(&run, &turn.delta_sent);
+        // Both of Codex's turns on the socket (prewarm and the prompt) are
+        // timed by portico_websocket_response_seconds.
+        portico
+            .wait_metric_at_least(
+                "portico_websocket_response_seconds_count",
+                &[("site", "api"), ("location", "ws")],
+                2.0,
+                Duration::from_secs(10),
+            )
+            .await;
         eprintln!("WebSocket through portico: {}", summary(&ws_lat));
 
         // The same two transports straight to the stand-in (plain HTTP): the
@@ -521,6 +531,11 @@ async fn codex_falls_back_from_a_relay_without_websocket() {
             with_ws.elapsed,
             log.upgrades_refused
         );
+        assert_eq!(log.upgrades_refused, 1, "{log:?}");
+        // The next session gets 426 without portico asking the relay.
+        let again = codex.exec("say hello").await;
+        assert!(again.ok, "{}", again.describe());
+        assert_eq!(nows.log().upgrades_refused, 1, "the refusal was not remembered");
         assert_eq!(codex.proxy_attempts(), Vec::<String>::new(), "Codex tried to reach something outside loopback");
     })
     .await;
