@@ -120,6 +120,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("portico_config_reloads_total", "counter"),
     ("portico_connections_active", "gauge"),
     ("portico_connections_refused_total", "counter"),
+    ("portico_websocket_response_seconds", "histogram"),
 ];
 
 // ---------------------------------------------------------------- exposition parsing
