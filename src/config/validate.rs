@@ -811,3 +811,67 @@ fn websocket_mode(cx: &Ctx, key: &str, l: &RawLocation) -> Result<WebSocketMode,
         )),
     }
 }
+
+#[cfg(test)]
+mod websocket_mode_tests {
+    use super::super::{load_str, Target, WebSocketMode};
+    use std::time::Duration;
+
+    fn location(extra: &str) -> Result<WebSocketMode, String> {
+        let text = format!(
+            r#"
+[[listen]]
+addr = "127.0.0.1:8443"
+[[route]]
+terminate = "api"
+[site.api]
+cert = "self-signed"
+[[site.api.location]]
+path = "/"
+upstream = "u"
+{extra}
+[upstream.u]
+url = "http://127.0.0.1:9"
+"#
+        );
+        let cfg = load_str(&text, "test.toml").map_err(|e| e.to_string())?;
+        let loc = &cfg.sites["api"].locations[0];
+        assert!(matches!(loc.target, Target::Upstream(_)));
+        Ok(loc.websocket)
+    }
+
+    #[test]
+    fn auto_is_the_default_and_true_false_stay() {
+        assert_eq!(
+            location(""),
+            Ok(WebSocketMode::Auto {
+                recheck: Duration::from_secs(600)
+            })
+        );
+        assert_eq!(
+            location("websocket = \"auto\"\nwebsocket_recheck = \"30s\""),
+            Ok(WebSocketMode::Auto {
+                recheck: Duration::from_secs(30)
+            })
+        );
+        assert_eq!(location("websocket = true"), Ok(WebSocketMode::On));
+        assert_eq!(location("websocket = false"), Ok(WebSocketMode::Off));
+        assert_eq!(location("websocket = \"false\""), Ok(WebSocketMode::Off));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = location("websocket = \"sometimes\"").unwrap_err();
+        assert!(
+            e.contains("site.api.location[0].websocket") && e.contains("\"sometimes\""),
+            "{e}"
+        );
+        let e = location("websocket = true\nwebsocket_recheck = \"1m\"").unwrap_err();
+        assert!(
+            e.contains("websocket_recheck") && e.contains("only applies"),
+            "{e}"
+        );
+        let e = location("websocket_recheck = \"0s\"").unwrap_err();
+        assert!(e.contains("longer than 0s"), "{e}");
+    }
+}
