@@ -217,8 +217,7 @@ impl Conn {
     pub async fn response_status(&mut self, stream: u32, within: Duration) -> (u16, Vec<Frame>) {
         let (f, seen) = self
             .until(within, |f| {
-                (f.kind == HEADERS && f.stream == stream)
-                    || (f.kind == RST_STREAM && f.stream == stream)
+                (f.stream == stream && (f.kind == HEADERS || f.kind == RST_STREAM))
                     || f.kind == GOAWAY
             })
             .await;
