@@ -786,3 +786,44 @@ async fn h2_early_response_is_followed_by_no_error_reset() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------- tunnels: close without close_notify
+
+#[tokio::test]
+async fn tls_client_closing_without_close_notify_ends_its_tunnel_cleanly() {
+    bounded(60, async {
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let backend_addr = backend.local_addr().expect("addr");
+        let listen = free_addr();
+        let config = api_config(
+            listen,
+            &format!("[backend.vless]\naddr = \"{backend_addr}\"\n"),
+            "non_http = \"vless\"\n[[site.api.location]]\npath = \"/\"\nrespond = { status = 200, body = \"ok\" }\n",
+        );
+        let portico = Portico::start(&config).await;
+        let (mut tls, _) = tls_connect(listen, &insecure_connector(&[b"http/1.1"]), "api.test").await;
+        tls.write_all(b"\x00\x01vless-bytes").await.expect("send");
+        let (mut up, _) = tokio::time::timeout(STEP, backend.accept())
+            .await
+            .expect("backend got no connection")
+            .expect("accept");
+        let mut got = [0u8; 13];
+        up.read_exact(&mut got).await.expect("backend read");
+        // End the TCP stream (FIN) without a TLS close_notify.
+        let (mut tcp, _) = tls.into_inner();
+        tcp.shutdown().await.expect("shutdown");
+        let deadline = std::time::Instant::now() + STEP;
+        let line = loop {
+            let log = portico.stderr();
+            if let Some(l) = log.lines().find(|l| l.contains("tunnel closed")) {
+                break l.to_string();
+            }
+            assert!(std::time::Instant::now() < deadline, "no tunnel access line:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(line.contains("cause=eof"), "{line}");
+        assert!(!line.contains("error"), "{line}");
+        drop(tcp);
+    })
+    .await;
+}
