@@ -178,7 +178,15 @@ pub async fn handle(
             let prefixed = Prefixed::new(buf, stream);
             // Boxed: the TLS + HTTP state machine is several KiB; passthrough
             // connections should not carry (and copy) that space.
-            Box::pin(crate::terminate::serve(prefixed, site, info, &shared.life)).await;
+            let sni = hello.and_then(|h| h.sni.as_deref());
+            Box::pin(crate::terminate::serve(
+                prefixed,
+                site,
+                info,
+                sni,
+                &shared.life,
+            ))
+            .await;
         }
         Dispatch::Redirect => {
             let prefixed = Prefixed::new(buf, stream);

@@ -1,7 +1,7 @@
 //! The human summary `portico check` prints: listeners, then the route
 //! table and each site's locations. Reads the checked config; not part of it.
 
-use crate::config::{Action, Config, MatchKind, Target};
+use crate::config::{Action, Config, MatchKind, Target, WebSocketMode};
 
 /// The human summary `portico check` prints: listeners, then the route table.
 pub fn describe(cfg: &Config) -> String {
@@ -81,7 +81,11 @@ pub fn describe(cfg: &Config) -> String {
                     "upstream {} ({}){}",
                     u.name,
                     u.addr,
-                    if l.websocket { "" } else { " websocket=false" }
+                    match l.websocket {
+                        WebSocketMode::Auto { .. } => "",
+                        WebSocketMode::On => " websocket=true",
+                        WebSocketMode::Off => " websocket=false",
+                    }
                 ),
                 Target::Respond { status, .. } => format!("respond {}", status.as_u16()),
             };

@@ -100,6 +100,7 @@ pub fn prepare(cfg: Config) -> Result<Generation, ConfigError> {
             dispatch,
         });
     }
+    crate::metrics::preregister(&cfg);
     Ok(Generation {
         config: Arc::new(cfg),
         routes,

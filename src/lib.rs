@@ -49,4 +49,5 @@ pub mod splice;
 pub mod status;
 pub mod terminate;
 pub mod tls;
+pub mod tls_failures;
 pub mod tunnel;

@@ -30,6 +30,7 @@ pub const CONNECTIONS_REFUSED: &str = "portico_connections_refused_total";
 pub const CERTIFICATE_EXPIRY: &str = "portico_certificate_expiry_timestamp_seconds";
 /// ACME orders per site by result (ok|error).
 pub const ACME_ORDERS: &str = "portico_acme_orders_total";
+pub const WEBSOCKET_RESPONSE: &str = "portico_websocket_response_seconds";
 
 /// First byte: 1 ms to 60 s, roughly x2.5 per step (LLM first tokens take seconds).
 const FIRST_BYTE_BUCKETS: &[f64] = &[
@@ -49,6 +50,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
         })
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Full(TUNNEL_DURATION.into()), DURATION_BUCKETS)
+        })
+        .and_then(|b| {
+            // A WebSocket turn's time to first token: the HTTP first-byte scale.
+            b.set_buckets_for_metric(Matcher::Full(WEBSOCKET_RESPONSE.into()), FIRST_BYTE_BUCKETS)
         })
         .map_err(|e| e.to_string())?;
     let handle = builder.install_recorder().map_err(|e| e.to_string())?;
@@ -120,6 +125,11 @@ fn describe() {
     );
     describe_counter!(CONFIG_RELOADS, "Config reloads by result (ok|error).");
     describe_gauge!(CONNECTIONS_ACTIVE, "Open client connections per listener.");
+    describe_histogram!(
+        WEBSOCKET_RESPONSE,
+        Unit::Seconds,
+        "WebSocket: time from a client-to-upstream data message to the upstream's next data message (a turn's time to first token)."
+    );
     describe_counter!(
         CONNECTIONS_REFUSED,
         "Connections closed at accept because a limit was reached, by listener and limit."
@@ -159,6 +169,8 @@ pub struct LocationMetrics {
     pub sse_events: metrics::Counter,
     pub ws_to_upstream: metrics::Counter,
     pub ws_to_client: metrics::Counter,
+    /// `portico_websocket_response_seconds`.
+    pub ws_response: metrics::Histogram,
     /// Indexed like [`STREAM_KINDS`].
     pub active: [metrics::Gauge; 3],
     pub duration: [metrics::Histogram; 3],
@@ -184,7 +196,8 @@ impl LocationMetrics {
             first_byte: metrics::histogram!(HTTP_FIRST_BYTE, two.clone()),
             body_request: metrics::counter!(HTTP_BODY_BYTES, lab(("direction", "request"))),
             body_response: metrics::counter!(HTTP_BODY_BYTES, lab(("direction", "response"))),
-            sse_events: metrics::counter!(SSE_EVENTS, two),
+            sse_events: metrics::counter!(SSE_EVENTS, two.clone()),
+            ws_response: metrics::histogram!(WEBSOCKET_RESPONSE, two),
             ws_to_upstream: metrics::counter!(
                 WEBSOCKET_MESSAGES,
                 lab(("direction", "client_to_upstream"))
@@ -197,5 +210,83 @@ impl LocationMetrics {
             duration: STREAM_KINDS
                 .map(|k| metrics::histogram!(HTTP_STREAM_DURATION, lab(("kind", k)))),
         }
+    }
+}
+
+/// `reason` values of `portico_client_hello_failures_total`.
+pub const CLIENT_HELLO_REASONS: [&str; 4] = ["timeout", "malformed", "too_large", "no_route"];
+/// `reason` values of `portico_proxy_header_failures_total`.
+pub const PROXY_HEADER_REASONS: [&str; 6] = [
+    "untrusted",
+    "malformed",
+    "too_large",
+    "timeout",
+    "eof",
+    "io",
+];
+/// `limit` values of `portico_connections_refused_total`.
+pub const REFUSAL_LIMITS: [&str; 2] = ["max_connections", "max_pending_hellos"];
+/// `reason` values of `portico_upstream_failures_total`.
+pub const UPSTREAM_REASONS: [&str; 4] = ["refused", "timeout", "reset", "protocol"];
+
+/// Register, at zero, every series whose labels the config names, so each
+/// metric exists in `/metrics` from start-up (Prometheus' instrumentation
+/// practice: a series that appears only with its first event makes rate()
+/// and dashboards show "No data" instead of 0). Called for each new
+/// generation; registering an existing series again changes nothing.
+/// Location metrics register themselves (see [`LocationMetrics::new`]).
+pub fn preregister(cfg: &crate::config::Config) {
+    use metrics::{counter, gauge, histogram};
+    for l in &cfg.listeners {
+        let listener = l.addr.to_string();
+        gauge!(CONNECTIONS_ACTIVE, "listener" => listener.clone()).increment(0.0);
+        for r in &cfg.routes {
+            counter!(CONNECTIONS, "listener" => listener.clone(), "route" => r.label.to_string(), "action" => r.action.kind()).increment(0);
+        }
+        counter!(CONNECTIONS, "listener" => listener.clone(), "route" => "none", "action" => "reject").increment(0);
+        for limit in REFUSAL_LIMITS {
+            counter!(CONNECTIONS_REFUSED, "listener" => listener.clone(), "limit" => limit)
+                .increment(0);
+        }
+        if l.accept_proxy {
+            for reason in PROXY_HEADER_REASONS {
+                counter!(PROXY_HEADER_FAILURES, "listener" => listener.clone(), "reason" => reason)
+                    .increment(0);
+            }
+        }
+    }
+    for reason in CLIENT_HELLO_REASONS {
+        counter!(CLIENT_HELLO_FAILURES, "reason" => reason).increment(0);
+    }
+    for b in cfg.backends.values() {
+        let backend = b.name.to_string();
+        gauge!(TUNNEL_ACTIVE, "backend" => backend.clone()).increment(0.0);
+        let _ = histogram!(TUNNEL_DURATION, "backend" => backend.clone());
+        counter!(BACKEND_CONNECT_FAILURES, "backend" => backend.clone()).increment(0);
+        for direction in ["upstream", "downstream"] {
+            counter!(TUNNEL_BYTES, "backend" => backend.clone(), "direction" => direction)
+                .increment(0);
+        }
+    }
+    for (name, site) in &cfg.sites {
+        counter!(TLS_HANDSHAKE_FAILURES, "site" => name.clone()).increment(0);
+        // Method and status come from requests; the most common pair
+        // stands for them at zero, once per protocol.
+        for l in &site.locations {
+            for protocol in ["http1", "h2"] {
+                counter!(HTTP_REQUESTS, "site" => name.clone(), "location" => l.name.clone(),
+                    "method" => "GET", "status" => "200", "protocol" => protocol)
+                .increment(0);
+            }
+        }
+    }
+    for name in cfg.upstreams.keys() {
+        for reason in UPSTREAM_REASONS {
+            counter!(UPSTREAM_FAILURES, "upstream" => name.clone(), "reason" => reason)
+                .increment(0);
+        }
+    }
+    for result in ["ok", "error"] {
+        counter!(CONFIG_RELOADS, "result" => result).increment(0);
     }
 }

@@ -20,8 +20,7 @@ use crate::metrics as m;
 use crate::proxy_protocol::{ConnInfo, Outbound};
 use crate::tunnel;
 
-/// What an h2 client sends first (RFC 9113 section 3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+use crate::http::conformance::{self, H2_PREFACE};
 
 /// A terminated site ready for connections: its TLS acceptor, its compiled
 /// HTTP side, and the timeouts and limits of the generation it belongs to.
@@ -51,10 +50,12 @@ impl TerminatedSite {
 }
 
 /// Complete the TLS handshake on a connection routed to `site`, then serve it.
+/// `sni` is the name the ClientHello asked for (for the failure log).
 pub async fn serve(
     io: Prefixed<TcpStream>,
     entry: &TerminatedSite,
     info: ConnInfo,
+    sni: Option<&str>,
     life: &Lifecycle,
 ) {
     let site = &*entry.name;
@@ -68,12 +69,12 @@ pub async fn serve(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "site" => entry.name.clone()).increment(1);
-            debug!(site, client = %info.client, error = %e, "TLS handshake failed");
+            crate::tls_failures::report(site, info.client, sni, &crate::tls_failures::reason(&e));
             return;
         }
         Err(_) => {
             metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "site" => entry.name.clone()).increment(1);
-            debug!(site, client = %info.client, "TLS handshake timed out");
+            crate::tls_failures::report(site, info.client, sni, "timeout");
             return;
         }
     };
@@ -145,6 +146,22 @@ pub async fn serve(
     };
     if !known {
         debug!(site, client = %info.client, "no request within request_header after the handshake; closing");
+        return;
+    }
+    // ALPN is binding: what the client negotiated is what it must speak.
+    let refusal = match conformance::check_first_bytes(negotiated, &first) {
+        conformance::Verdict::Serve => None,
+        conformance::Verdict::NotH2 => Some(conformance::GOAWAY_PROTOCOL_ERROR.to_vec()),
+        conformance::Verdict::H2OnHttp1 => Some(conformance::preface_on_http1_response()),
+    };
+    if let Some(bytes) = refusal {
+        use tokio::io::AsyncWriteExt;
+        debug!(site, client = %info.client, alpn = ?negotiated, "first bytes do not match the negotiated protocol; refusing");
+        let _ = tokio::time::timeout(timeouts.request_header, async {
+            tls.write_all(&bytes).await?;
+            tls.shutdown().await
+        })
+        .await;
         return;
     }
 

@@ -232,6 +232,9 @@ async fn open<B: AsyncWrite + Unpin>(
 fn end_cause(r: io::Result<()>) -> CloseCause {
     match r {
         Ok(()) => CloseCause::Done,
+        // A TLS client that closes without close_notify (rustls reports
+        // UnexpectedEof) has ended its tunnel like any other client.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => CloseCause::Done,
         Err(e) => CloseCause::Error(e),
     }
 }

@@ -122,6 +122,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("portico_connections_refused_total", "counter"),
     ("portico_certificate_expiry_timestamp_seconds", "gauge"),
     ("portico_acme_orders_total", "counter"),
+    ("portico_websocket_response_seconds", "histogram"),
 ];
 
 // ---------------------------------------------------------------- exposition parsing

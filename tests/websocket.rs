@@ -400,6 +400,8 @@ name = "refused-403"
 path = "/refused-403"
 match = "exact"
 upstream = "refuser"
+# Pass the upstream's refusal through (the default "auto" makes a 4xx a 426).
+websocket = true
 
 [[site.api.location]]
 name = "reset"
@@ -1003,7 +1005,8 @@ async fn refused_upgrade_is_relayed_and_disabled_websocket_gets_426() {
             Ok(_) => panic!("a refused upgrade must not become a WebSocket"),
         }
 
-        // A 403 refusal is relayed as is over h1 and over h2.
+        // With websocket = true a 403 refusal is relayed as is over h1 and
+        // over h2 (tests/conformance.rs covers the default, "auto").
         let (status, _, body) = h1_upgrade_request(env.addr, "/refused-403").await;
         assert_eq!(
             (status, body.as_str()),
@@ -1018,6 +1021,8 @@ async fn refused_upgrade_is_relayed_and_disabled_websocket_gets_426() {
         // and the upstream never sees a connection.
         let (status, headers, body) = h1_upgrade_request(env.addr, "/nows").await;
         assert_eq!(status, StatusCode::UPGRADE_REQUIRED);
+        // RFC 9110 section 15.5.22: a 426 names the protocol to switch to.
+        assert_eq!(header_str(&headers, "upgrade"), Some("websocket"));
         assert_eq!(
             header_str(&headers, "content-type"),
             Some("text/plain; charset=utf-8")

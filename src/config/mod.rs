@@ -574,7 +574,30 @@ pub struct Location {
     pub path: String,
     pub match_kind: MatchKind,
     pub target: Target,
-    pub websocket: bool,
+    pub websocket: WebSocketMode,
+}
+
+/// `websocket` of a location: what portico does with an upgrade request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebSocketMode {
+    /// Forward it; an upstream that answers with a 4xx instead of 101 makes
+    /// the client get 426 (so it falls back to plain HTTP at once), and
+    /// later upgrades get 426 without asking the upstream for `recheck`.
+    Auto { recheck: Duration },
+    /// Forward it and pass the upstream's answer through unchanged.
+    On,
+    /// Answer 426 without asking the upstream.
+    Off,
+}
+
+impl WebSocketMode {
+    /// How long an `auto` location remembers a refused upgrade by default.
+    pub const DEFAULT_RECHECK: Duration = Duration::from_secs(600);
+
+    /// Does an upgrade request go to the upstream at all (unless remembered)?
+    pub fn forwards(self) -> bool {
+        self != WebSocketMode::Off
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

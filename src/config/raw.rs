@@ -213,7 +213,19 @@ pub struct RawLocation {
     pub match_kind: Option<MatchKind>,
     pub upstream: Option<String>,
     pub respond: Option<RawRespond>,
-    pub websocket: Option<bool>,
+    pub websocket: Option<RawWebSocket>,
+    /// With `websocket = "auto"`: how long a refused upgrade is remembered.
+    #[serde(default, with = "humantime_serde")]
+    pub websocket_recheck: Option<Duration>,
+}
+
+/// `websocket = true | false | "auto"` (and the strings "true"/"false",
+/// which is what an environment override gives).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawWebSocket {
+    Bool(bool),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]

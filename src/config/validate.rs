@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::raw::{RawConfig, RawLocation, RawRoute, RawSite, RawUpstream};
+use super::raw::{RawConfig, RawLocation, RawRoute, RawSite, RawUpstream, RawWebSocket};
 use super::*;
 
 struct Ctx<'a> {
@@ -798,7 +798,8 @@ fn location(
             }
         }
     };
-    if l.websocket == Some(true) && !matches!(target, Target::Upstream(_)) {
+    let websocket = websocket_mode(cx, key, l)?;
+    if l.websocket.is_some() && websocket.forwards() && !matches!(target, Target::Upstream(_)) {
         return Err(cx.err(format!("{key}.websocket"), "WebSocket needs an upstream"));
     }
     let name = match &l.name {
@@ -813,7 +814,7 @@ fn location(
         path: l.path.clone(),
         match_kind,
         target,
-        websocket: l.websocket.unwrap_or(true),
+        websocket,
     })
 }
 
@@ -869,4 +870,99 @@ fn admin(cx: &Ctx<'_>, raw: &super::raw::RawAdmin) -> Result<Admin, ConfigError>
         token,
         protect_metrics: raw.protect_metrics,
     })
+}
+
+/// `websocket` (default "auto") and `websocket_recheck` of a location.
+fn websocket_mode(cx: &Ctx, key: &str, l: &RawLocation) -> Result<WebSocketMode, ConfigError> {
+    let mode = match &l.websocket {
+        None => "auto",
+        Some(RawWebSocket::Bool(true)) => "true",
+        Some(RawWebSocket::Bool(false)) => "false",
+        Some(RawWebSocket::Text(t)) => t.as_str(),
+    };
+    let recheck = l.websocket_recheck;
+    match (mode, recheck) {
+        ("auto", r) => match r {
+            Some(d) if d.is_zero() => {
+                Err(cx.err(format!("{key}.websocket_recheck"), "must be longer than 0s"))
+            }
+            r => Ok(WebSocketMode::Auto {
+                recheck: r.unwrap_or(WebSocketMode::DEFAULT_RECHECK),
+            }),
+        },
+        ("true" | "false", Some(_)) => Err(cx.err(
+            format!("{key}.websocket_recheck"),
+            "only applies with websocket = \"auto\"",
+        )),
+        ("true", None) => Ok(WebSocketMode::On),
+        ("false", None) => Ok(WebSocketMode::Off),
+        (other, _) => Err(cx.err(
+            format!("{key}.websocket"),
+            format!("{other:?} is not one of true, false, \"auto\""),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod websocket_mode_tests {
+    use super::super::{load_str, Target, WebSocketMode};
+    use std::time::Duration;
+
+    fn location(extra: &str) -> Result<WebSocketMode, String> {
+        let text = format!(
+            r#"
+[[listen]]
+addr = "127.0.0.1:8443"
+[[route]]
+terminate = "api"
+[site.api]
+cert = "self-signed"
+[[site.api.location]]
+path = "/"
+upstream = "u"
+{extra}
+[upstream.u]
+url = "http://127.0.0.1:9"
+"#
+        );
+        let cfg = load_str(&text, "test.toml").map_err(|e| e.to_string())?;
+        let loc = &cfg.sites["api"].locations[0];
+        assert!(matches!(loc.target, Target::Upstream(_)));
+        Ok(loc.websocket)
+    }
+
+    #[test]
+    fn auto_is_the_default_and_true_false_stay() {
+        assert_eq!(
+            location(""),
+            Ok(WebSocketMode::Auto {
+                recheck: Duration::from_secs(600)
+            })
+        );
+        assert_eq!(
+            location("websocket = \"auto\"\nwebsocket_recheck = \"30s\""),
+            Ok(WebSocketMode::Auto {
+                recheck: Duration::from_secs(30)
+            })
+        );
+        assert_eq!(location("websocket = true"), Ok(WebSocketMode::On));
+        assert_eq!(location("websocket = false"), Ok(WebSocketMode::Off));
+        assert_eq!(location("websocket = \"false\""), Ok(WebSocketMode::Off));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = location("websocket = \"sometimes\"").unwrap_err();
+        assert!(
+            e.contains("site.api.location[0].websocket") && e.contains("\"sometimes\""),
+            "{e}"
+        );
+        let e = location("websocket = true\nwebsocket_recheck = \"1m\"").unwrap_err();
+        assert!(
+            e.contains("websocket_recheck") && e.contains("only applies"),
+            "{e}"
+        );
+        let e = location("websocket_recheck = \"0s\"").unwrap_err();
+        assert!(e.contains("longer than 0s"), "{e}");
+    }
 }

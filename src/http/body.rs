@@ -27,6 +27,19 @@ pub struct TooLarge(pub u64);
 /// 8.5 KiB (heap profile of 2000 open SSE streams). Bodiless requests (most of them) allocate nothing.
 pub struct RequestBody(Option<Box<Upload>>);
 
+/// An upload dropped before its body ended (the upstream answered early,
+/// or the request failed) leaves the body to the exchange, which drops it
+/// once the response has ended.
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let Some(b) = self.inner.take() {
+            if !b.is_end_stream() {
+                self.progress.park(b);
+            }
+        }
+    }
+}
+
 struct Upload {
     /// A frame already read (and counted) before forwarding; returned first.
     pending: Option<Frame<Bytes>>,
@@ -104,7 +117,10 @@ impl Body for RequestBody {
                     if let Some(limit) = this.limit {
                         if total > limit {
                             this.progress.too_large.store(true, Ordering::Relaxed);
-                            this.inner = None;
+                            // Held until the 413 has been sent (see RequestProgress).
+                            if let Some(b) = this.inner.take() {
+                                this.progress.park(b);
+                            }
                             return Poll::Ready(Some(Err(Box::new(TooLarge(limit)))));
                         }
                     }

@@ -23,6 +23,10 @@ pub enum ProxyError {
     BodyTooLarge(u64),
     #[error("WebSocket is disabled for this location; use plain HTTP")]
     WebSocketDisabled,
+    /// `websocket = "auto"`: the upstream answered an upgrade with a 4xx.
+    /// `status` is the upstream's answer, 0 when a remembered one.
+    #[error("upstream {upstream} does not accept WebSocket here{}; use plain HTTP", upstream_status(*.status))]
+    WebSocketUnsupported { upstream: String, status: u16 },
     // Upstream's fault.
     #[error("upstream {upstream} refused the connection: {detail}")]
     UpstreamRefused { upstream: String, detail: String },
@@ -37,6 +41,14 @@ pub enum ProxyError {
     Internal(&'static str),
 }
 
+fn upstream_status(status: u16) -> String {
+    if status == 0 {
+        " (remembered refusal)".into()
+    } else {
+        format!(" (it answered {status})")
+    }
+}
+
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -47,7 +59,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             // Codex and similar clients fall back to plain HTTP at once on
             // 426; 403/405 make them retry the WebSocket for seconds first.
-            ProxyError::WebSocketDisabled => StatusCode::UPGRADE_REQUIRED,
+            ProxyError::WebSocketDisabled | ProxyError::WebSocketUnsupported { .. } => {
+                StatusCode::UPGRADE_REQUIRED
+            }
             ProxyError::UpstreamRefused { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
@@ -75,7 +89,10 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if matches!(self, ProxyError::WebSocketDisabled) {
+        if matches!(
+            self,
+            ProxyError::WebSocketDisabled | ProxyError::WebSocketUnsupported { .. }
+        ) {
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

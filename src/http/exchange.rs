@@ -13,9 +13,36 @@ use crate::metrics::{self as m, GaugeGuard, LocationMetrics};
 pub struct RequestProgress {
     pub bytes: AtomicU64,
     pub too_large: AtomicBool,
+    /// The client's request body while no upload holds it: kept until the
+    /// response has ended (the exchange drops it then), so that an h2
+    /// answer given before the whole body arrived (413, 421, an upstream's
+    /// early 401) ends with RST_STREAM(NO_ERROR) after the response instead
+    /// of CANCEL before it (RFC 9113 section 8.1; h2 picks the code by
+    /// whether our side of the stream is closed when the body is dropped).
+    parked: std::sync::Mutex<Option<hyper::body::Incoming>>,
 }
 
 impl RequestProgress {
+    /// Hold the request body until the exchange ends.
+    pub fn park(&self, body: hyper::body::Incoming) {
+        if let Ok(mut p) = self.parked.lock() {
+            *p = Some(body);
+        }
+    }
+
+    /// Take the held request body (to forward it).
+    pub fn take_parked(&self) -> Option<hyper::body::Incoming> {
+        self.parked.lock().ok()?.take()
+    }
+
+    /// True when the held body has nothing (more) to send.
+    pub fn parked_is_end_stream(&self) -> bool {
+        use http_body::Body as _;
+        self.parked
+            .lock()
+            .map_or(true, |p| p.as_ref().is_none_or(|b| b.is_end_stream()))
+    }
+
     /// True when the body limit cut the request.
     pub fn cut(&self) -> bool {
         self.too_large.load(Ordering::Relaxed)
@@ -58,6 +85,17 @@ pub struct Exchange {
     _active: Option<GaugeGuard>,
     /// Keeps the connection's "answering a request" mark while the response lives.
     pub in_flight: Option<super::framing::InFlight>,
+    /// A bridged WebSocket session: messages each way and turn times.
+    pub websocket: Option<WebSocketSession>,
+}
+
+/// What the access log line of a WebSocket session adds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WebSocketSession {
+    /// Data messages client to upstream / upstream to client.
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub turns: Option<super::ws_auto::TurnSummary>,
 }
 
 impl StreamKind {
@@ -95,6 +133,7 @@ impl Exchange {
             error: None,
             _active: None,
             in_flight: None,
+            websocket: None,
         }
     }
 
@@ -171,6 +210,8 @@ fn status_label(status: u16) -> metrics::SharedString {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
+        // The response has ended: the request body may go now.
+        drop(self.request.take_parked());
         let elapsed = self.started.elapsed();
         if self.status == 0 {
             // Dropped before any response head: the client went away (connection
@@ -191,6 +232,32 @@ impl Drop for Exchange {
         let first_byte_ms = self
             .first_byte
             .map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0);
+        if let Some(ws) = self.websocket {
+            let round = |v: f64| (v * 10.0).round() / 10.0;
+            tracing::info!(
+                target: "portico::access",
+                kind = "http",
+                site = %self.metrics.site,
+                location = %self.metrics.location,
+                method = self.method,
+                path = %self.path,
+                status = self.status,
+                protocol = self.protocol,
+                stream = self.kind.as_str(),
+                bytes_in = self.request.bytes.load(Ordering::Relaxed),
+                bytes_out = self.response_bytes,
+                ws_messages_in = ws.messages_in,
+                ws_messages_out = ws.messages_out,
+                ws_turns = ws.turns.map_or(0, |t| t.turns),
+                ws_response_median_ms = ws.turns.map(|t| round(t.median_ms)),
+                ws_response_max_ms = ws.turns.map(|t| round(t.max_ms)),
+                duration_ms = (elapsed.as_secs_f64() * 10_000.0).round() / 10.0,
+                client = %self.client,
+                error = self.error.as_deref(),
+                "request"
+            );
+            return;
+        }
         tracing::info!(
             target: "portico::access",
             kind = "http",

@@ -9,6 +9,7 @@
 //! [`serve`]. `redirect` stands alone.
 
 pub mod body;
+pub mod conformance;
 pub mod error;
 pub mod exchange;
 pub mod framing;
@@ -19,6 +20,7 @@ pub mod router;
 pub mod site;
 pub mod upstream;
 pub mod websocket;
+pub mod ws_auto;
 
 use std::convert::Infallible;
 use std::sync::Arc;

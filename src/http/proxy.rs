@@ -45,6 +45,11 @@ pub async fn handle(
     let method = method_label(req.method());
     let path = req.uri().path().to_string();
     let progress = Arc::new(RequestProgress::default());
+    // The body waits in `progress` until forwarded, or until the response
+    // has ended when it never is (see RequestProgress::park).
+    let (parts, body) = req.into_parts();
+    progress.park(body);
+    let req = Request::from_parts(parts, ());
     let protocol = if req.version() == Version::HTTP_2 {
         "h2"
     } else {
@@ -147,12 +152,25 @@ pub async fn handle(
         Action::Upstream(client) => {
             let client = client.clone();
             if websocket::is_upgrade(&req) {
-                if !loc.websocket {
-                    let r = ProxyError::WebSocketDisabled.answer(&mut ex);
+                if !loc.websocket.forwards() || loc.ws_refusals.active() {
+                    // Off, or (auto) the upstream refused recently: 426 at once.
+                    let err = if loc.websocket.forwards() {
+                        ProxyError::WebSocketUnsupported {
+                            upstream: client.config.name.clone(),
+                            status: 0,
+                        }
+                    } else {
+                        ProxyError::WebSocketDisabled
+                    };
+                    let mut r = err.answer(&mut ex);
+                    super::ws_auto::mark_upgrade_required(&mut r, req.version() == Version::HTTP_2);
                     return site.finish(r, ex);
                 }
                 // Boxed: rare next to plain requests, and its state is large.
-                return Box::pin(websocket::proxy(req, client, &authority, &conn, ex, &site)).await;
+                return Box::pin(websocket::proxy(
+                    req, client, &authority, &conn, ex, &site, loc,
+                ))
+                .await;
             } else {
                 match forward(
                     req,
@@ -196,6 +214,10 @@ fn check_request<B>(req: &Request<B>, max_uri: usize) -> Option<ProxyError> {
     let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     if target_len > max_uri {
         return Some(ProxyError::UriTooLong(max_uri));
+    }
+    // RFC 9113 sections 8.2.1 and 8.3.1: hyper does not check these.
+    if let Some(problem) = super::conformance::h2_request_problem(req) {
+        return Some(ProxyError::BadRequest(problem));
     }
     let h = req.headers();
     if h.get_all(header::HOST).iter().count() > 1 {
@@ -252,18 +274,17 @@ fn add_cors_headers<B>(resp: &mut Response<B>, cors: &Cors, origin: &HeaderValue
 }
 
 /// Idempotent methods may be replayed when nothing of the body was sent.
-fn replayable(req: &Request<Incoming>) -> bool {
-    use http_body::Body as _;
+fn replayable(req: &Request<()>, progress: &RequestProgress) -> bool {
     matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::PUT
-    ) && req.body().is_end_stream()
+    ) && progress.parked_is_end_stream()
 }
 
 /// Proxy a (non-upgrade) request and return the upstream's response head
 /// with its body still streaming.
 async fn forward(
-    req: Request<Incoming>,
+    req: Request<()>,
     client: &UpstreamClient,
     site: &Site,
     location: &crate::metrics::LocationMetrics,
@@ -281,8 +302,9 @@ async fn forward(
             return Err(ProxyError::BodyTooLarge(limit));
         }
     }
-    let replay = replayable(&req);
-    let (parts, body) = req.into_parts();
+    let replay = replayable(&req, &progress);
+    let (parts, ()) = req.into_parts();
+    let body = progress.take_parked();
     let h2c = client.config.protocol == crate::config::UpstreamProtocol::H2c;
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     // The pool is keyed by the URI's authority; the connector ignores it and
@@ -324,7 +346,10 @@ async fn forward(
         *r.headers_mut() = headers;
         r
     };
-    let mut body = RequestBody::new(body, site.max_body, progress.clone(), counter);
+    let mut body = match body {
+        Some(b) => RequestBody::new(b, site.max_body, progress.clone(), counter),
+        None => RequestBody::empty(),
+    };
     if chunked {
         if let Err(e) = body.prime().await {
             if progress.cut() {

@@ -22,7 +22,9 @@ pub struct LocationRuntime {
     pub name: Arc<str>,
     pub metrics: Arc<crate::metrics::LocationMetrics>,
     pub action: Action,
-    pub websocket: bool,
+    pub websocket: crate::config::WebSocketMode,
+    /// `websocket = "auto"`: the upstream's remembered refusal.
+    pub ws_refusals: super::ws_auto::Refusals,
 }
 
 /// What a location does with a request, prepared at config load.
@@ -86,6 +88,7 @@ impl SiteRuntime {
                     },
                 },
                 websocket: l.websocket,
+                ws_refusals: Default::default(),
             });
         }
         let headers = site.headers.clone();

@@ -11,16 +11,17 @@ use std::task::{Context, Poll};
 use base64::Engine as _;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::ResponseBody;
 use super::error::ProxyError;
-use super::exchange::{Exchange, StreamKind};
+use super::exchange::{Exchange, StreamKind, WebSocketSession};
 use super::headers::{self, Forwarded};
-use super::site::{ConnContext, SiteRuntime};
+use super::site::{ConnContext, LocationRuntime, SiteRuntime};
 use super::upstream::UpstreamClient;
+use super::ws_auto::{self, Direction, TurnClock};
+use crate::config::WebSocketMode;
 
 /// How long the other side of a WebSocket may stay open after one side
 /// closed its connection (after the close handshake, normally).
@@ -54,12 +55,13 @@ fn new_key() -> Result<HeaderValue, ProxyError> {
 
 /// Proxy an upgrade request; returns the response for the client.
 pub async fn proxy(
-    mut req: Request<Incoming>,
+    mut req: Request<()>,
     client: Arc<UpstreamClient>,
     authority: &str,
     conn_ctx: &ConnContext,
     mut ex: Exchange,
     site: &SiteRuntime,
+    loc: &LocationRuntime,
 ) -> Response<ResponseBody> {
     let h2 = req.version() == Version::HTTP_2;
     let protocol_name = if h2 {
@@ -152,6 +154,28 @@ pub async fn proxy(
         Err(e) => return fail(ex, reset(e)),
     };
     if up_resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        if let WebSocketMode::Auto { recheck } = loc.websocket {
+            if ws_auto::is_refusal(up_resp.status()) {
+                // A relay without WebSocket: 426 makes the client use plain
+                // HTTP at once; remember it so the next ones need no trip.
+                loc.ws_refusals.remember(recheck);
+                let status = up_resp.status().as_u16();
+                tracing::info!(
+                    site = %site.name, location = %loc.name, upstream = %client.config.name, status,
+                    "upstream refused a WebSocket upgrade; answering 426 to upgrades for {}",
+                    humantime::format_duration(recheck)
+                );
+                // The upstream's body is dropped with its connection.
+                drop(up_resp);
+                let err = ProxyError::WebSocketUnsupported {
+                    upstream: client.config.name.clone(),
+                    status,
+                };
+                let mut r = err.answer(&mut ex);
+                ws_auto::mark_upgrade_required(&mut r, h2);
+                return site.finish(r, ex);
+            }
+        }
         if h2 && up_resp.status().is_success() {
             // RFC 8441 §5: on h2 a 2xx means "tunnel open", so a success
             // status that refuses the upgrade cannot be relayed as is (hyper
@@ -174,6 +198,7 @@ pub async fn proxy(
         return site.finish(resp, ex);
     }
     let upstream_upgrade = hyper::upgrade::on(&mut up_resp);
+    loc.ws_refusals.clear();
 
     let mut resp = Response::new(ResponseBody::empty());
     let mut out_headers = up_resp.headers().clone();
@@ -209,8 +234,11 @@ pub async fn proxy(
         };
         let to_up = ex.metrics.ws_to_upstream.clone();
         let to_client = ex.metrics.ws_to_client.clone();
-        let mut c = Framed::new(TokioIo::new(c), to_up, ex.metrics.body_request.clone());
-        let mut u = Framed::new(TokioIo::new(u), to_client, ex.metrics.body_response.clone());
+        let clock = Arc::new(TurnClock::new(ex.metrics.ws_response.clone()));
+        let mut c = Framed::new(TokioIo::new(c), to_up, ex.metrics.body_request.clone())
+            .with_clock(clock.clone(), Direction::ClientToUpstream);
+        let mut u = Framed::new(TokioIo::new(u), to_client, ex.metrics.body_response.clone())
+            .with_clock(clock.clone(), Direction::UpstreamToClient);
         let result = tokio::select! {
             r = crate::io::join_with_idle(&mut c, &mut u, idle, linger) => r.map_err(|e| e.to_string()),
             _ = hard_stop.cancelled() => Err("shutdown".to_string()),
@@ -223,6 +251,11 @@ pub async fn proxy(
         if let Err(e) = result {
             ex.error = Some(e);
         }
+        ex.websocket = Some(WebSocketSession {
+            messages_in: c.tracker.messages,
+            messages_out: u.tracker.messages,
+            turns: clock.summary(),
+        });
         // Dropping the exchange records the stream's duration and logs it.
         drop(ex);
     });
@@ -240,6 +273,12 @@ pub struct FrameTracker {
     skip: u64,
     /// Completed data messages.
     pub messages: u64,
+    /// Data messages whose first frame header has passed.
+    pub started: u64,
+    /// Data messages whose last frame has fully passed (payload included).
+    pub finished: u64,
+    /// The frame being skipped ends a data message.
+    ends_message: bool,
 }
 
 impl FrameTracker {
@@ -256,6 +295,13 @@ impl FrameTracker {
         2 + ext + if masked { 4 } else { 0 }
     }
 
+    /// The current frame's payload has passed.
+    fn end_frame(&mut self) {
+        if std::mem::take(&mut self.ends_message) {
+            self.finished += 1;
+        }
+    }
+
     /// Feed bytes; returns messages completed within them.
     pub fn feed(&mut self, mut bytes: &[u8]) -> u64 {
         let before = self.messages;
@@ -264,6 +310,9 @@ impl FrameTracker {
                 let n = (self.skip.min(bytes.len() as u64)) as usize;
                 self.skip -= n as u64;
                 bytes = &bytes[n..];
+                if self.skip == 0 {
+                    self.end_frame();
+                }
                 continue;
             }
             let need = self.header_len();
@@ -295,8 +344,17 @@ impl FrameTracker {
             if fin && opcode < 0x8 {
                 self.messages += 1;
             }
+            // Text or binary (not continuation) opens a data message.
+            if opcode == 0x1 || opcode == 0x2 {
+                self.started += 1;
+            }
+            self.ends_message = fin && opcode < 0x8;
             self.skip = len;
             self.have = 0;
+            if len == 0 {
+                self.end_frame();
+            }
+            continue;
         }
         self.messages - before
     }
@@ -307,10 +365,11 @@ pin_project_lite::pin_project! {
     pub struct Framed<S> {
         #[pin]
         inner: S,
-        tracker: FrameTracker,
+        pub tracker: FrameTracker,
         counter: metrics::Counter,
         bytes_counter: metrics::Counter,
         pub bytes: u64,
+        clock: Option<(std::sync::Arc<super::ws_auto::TurnClock>, super::ws_auto::Direction)>,
     }
 }
 
@@ -324,7 +383,18 @@ impl<S> Framed<S> {
             counter,
             bytes_counter,
             bytes: 0,
+            clock: None,
         }
+    }
+
+    /// Time turns on this direction with `clock` (both directions share it).
+    pub fn with_clock(
+        mut self,
+        clock: std::sync::Arc<super::ws_auto::TurnClock>,
+        direction: super::ws_auto::Direction,
+    ) -> Self {
+        self.clock = Some((clock, direction));
+        self
     }
 }
 
@@ -341,9 +411,22 @@ impl<S: AsyncRead> AsyncRead for Framed<S> {
         if !new.is_empty() {
             *this.bytes += new.len() as u64;
             this.bytes_counter.increment(new.len() as u64);
+            let (started, finished) = (this.tracker.started, this.tracker.finished);
             let n = this.tracker.feed(new);
             if n > 0 {
                 this.counter.increment(n);
+            }
+            if let Some((clock, direction)) = this.clock.as_ref() {
+                use super::ws_auto::Direction;
+                match direction {
+                    Direction::ClientToUpstream if this.tracker.finished > finished => {
+                        clock.client_message()
+                    }
+                    Direction::UpstreamToClient if this.tracker.started > started => {
+                        clock.upstream_message()
+                    }
+                    _ => {}
+                }
             }
         }
         r
@@ -415,6 +498,24 @@ mod tests {
             let mut t = FrameTracker::default();
             assert_eq!(t.feed(&s[..cut]) + t.feed(&s[cut..]), want, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn starts_and_ends_of_data_messages() {
+        let (s, _) = stream();
+        for cut in 0..=s.len() {
+            let mut t = FrameTracker::default();
+            t.feed(&s[..cut]);
+            t.feed(&s[cut..]);
+            // text, binary (fragmented), unmasked binary.
+            assert_eq!((t.started, t.finished), (3, 3), "cut at {cut}");
+        }
+        let mut t = FrameTracker::default();
+        let text = frame(true, 1, true, 10);
+        t.feed(&text[..8]);
+        assert_eq!((t.started, t.finished), (1, 0), "payload still to come");
+        t.feed(&text[8..]);
+        assert_eq!((t.started, t.finished), (1, 1));
     }
 
     #[test]
