@@ -1,5 +1,5 @@
 //! Build script:
-//! - `PORTICO_VERSION` for `portico --version`: the package version, plus the
+//! - `VERSION_WITH_COMMIT` for `portico --version`: the package version, plus the
 //!   short git commit when building from a git checkout of this crate (a
 //!   source tarball has no `.git` and shows the version alone);
 //! - bash, zsh and fish completions and the man pages, generated from the
@@ -28,7 +28,9 @@ fn main() {
         Some(commit) => format!("{version} ({commit})"),
         None => version.to_string(),
     };
-    println!("cargo:rustc-env=PORTICO_VERSION={version}");
+    // Not a PORTICO_* name: cargo also sets it for `cargo run` and `cargo test`
+    // processes, and portico reads PORTICO_* variables as config overrides.
+    println!("cargo:rustc-env=VERSION_WITH_COMMIT={version}");
 
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let Some(profile_dir) = profile_dir(&out_dir) else {

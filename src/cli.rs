@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 /// `portico --version`: the package version, followed by the git commit when
-/// built from a checkout (build.rs sets PORTICO_VERSION).
-pub const VERSION: &str = match option_env!("PORTICO_VERSION") {
+/// built from a checkout (build.rs sets VERSION_WITH_COMMIT).
+pub const VERSION: &str = match option_env!("VERSION_WITH_COMMIT") {
     Some(v) => v,
     None => env!("CARGO_PKG_VERSION"),
 };
