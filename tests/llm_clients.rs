@@ -26,7 +26,7 @@ use standin::{Script, Standin, Transport, Upgrades};
 
 /// The Codex CLI installed by scripts/test-all (`npm install --prefix`).
 fn codex_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("PORTICO_TEST_CODEX") {
+    if let Some(p) = std::env::var_os("TEST_CODEX_BIN") {
         return PathBuf::from(p);
     }
     let p =
