@@ -193,6 +193,7 @@ check_files() {
         /usr/share/man/man1/portico.1.gz
         /usr/share/man/man1/portico-run.1.gz
         /usr/share/man/man1/portico-check.1.gz
+        /usr/share/man/man1/portico-import.1.gz
         /usr/share/doc/portico/README.md
         /usr/share/doc/portico/copyright
         /usr/share/doc/portico/changelog.Debian.gz
@@ -323,6 +324,8 @@ check_completions_and_man() {
             fail "the bash completion does not register for portico"
     fi
     zcat /usr/share/man/man1/portico-check.1.gz | grep -qF -- '\-\-config' || fail "portico-check.1 lacks --config"
+    zcat /usr/share/man/man1/portico-import.1.gz | grep -qF -- '\-\-xray' || fail "portico-import.1 lacks --xray"
+    grep -q 'import' /usr/share/bash-completion/completions/portico || fail "bash completion lacks 'import'"
 }
 check "installed: completions load (bash) and name the subcommands; man pages" check_completions_and_man
 
