@@ -16,7 +16,7 @@ use crate::config::{Config, Listen};
 use crate::generation::{Dispatch, Generation};
 use crate::hello::{self, PeekError, Peeked};
 use crate::io::Prefixed;
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{ConnSlot, Lifecycle};
 use crate::metrics as m;
 use crate::proxy_protocol::{self, ConnInfo, Outbound};
 use crate::route::{self, Seen};
@@ -56,6 +56,7 @@ pub async fn handle(
     addr: SocketAddr,
     label: Arc<str>,
     shared: Arc<Shared>,
+    slot: Arc<ConnSlot>,
 ) {
     let gen = shared.current.load_full();
     let cfg = &gen.config;
@@ -185,6 +186,7 @@ pub async fn handle(
                 info,
                 sni,
                 &shared.life,
+                slot,
             ))
             .await;
         }

@@ -22,3 +22,25 @@ impl Lifecycle {
         Lifecycle::default()
     }
 }
+
+/// What one accepted client connection holds while it is open: its
+/// `limits.max_connections` permit and its `portico_connections_active`
+/// count. Shared, because an upgraded HTTP/1.1 stream (WebSocket) outlives
+/// the HTTP connection that carried its handshake: the bridge task keeps a
+/// clone, and both are given back when the last holder ends.
+pub struct ConnSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _active: crate::metrics::GaugeGuard,
+}
+
+impl ConnSlot {
+    pub fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        active: metrics::Gauge,
+    ) -> std::sync::Arc<ConnSlot> {
+        std::sync::Arc::new(ConnSlot {
+            _permit: permit,
+            _active: crate::metrics::GaugeGuard::new(active),
+        })
+    }
+}

@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::conn::{self, Shared};
-use crate::metrics::{self as m, GaugeGuard};
+use crate::lifecycle::ConnSlot;
+use crate::metrics as m;
 
 /// Bind one listen socket: SO_REUSEADDR so restarts don't wait for TIME_WAIT,
 /// IPV6_V6ONLY so `0.0.0.0:443` and `[::]:443` can both be listed.
@@ -78,9 +79,8 @@ pub async fn accept_loop(
         let span = tracing::debug_span!("conn", listener = %label, %peer);
         shared.life.tasks.spawn(
             async move {
-                let _permit = permit;
-                let _active = GaugeGuard::new(gauge);
-                conn::handle(stream, peer, addr, label2, shared2).await;
+                let slot = ConnSlot::new(permit, gauge);
+                conn::handle(stream, peer, addr, label2, shared2, slot).await;
             }
             .instrument(span),
         );

@@ -15,7 +15,7 @@ use crate::http::framing::{Framing, Verdict};
 use crate::http::site::{ConnContext, SiteRuntime};
 use crate::http::{self as h, Negotiated};
 use crate::io::Prefixed;
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{ConnSlot, Lifecycle};
 use crate::metrics as m;
 use crate::proxy_protocol::{ConnInfo, Outbound};
 use crate::tunnel;
@@ -57,6 +57,7 @@ pub async fn serve(
     info: ConnInfo,
     sni: Option<&str>,
     life: &Lifecycle,
+    slot: Arc<ConnSlot>,
 ) {
     let site = &*entry.name;
     let timeouts = &entry.timeouts;
@@ -170,6 +171,7 @@ pub async fn serve(
         client: info.client.ip(),
         verdict: verdict.clone(),
         life: life.clone(),
+        slot,
     });
     h::serve(
         Framing::new(

@@ -1149,6 +1149,70 @@ async fn messages_are_counted_per_direction_and_the_stream_gauge_returns_to_zero
     .await;
 }
 
+/// An upgraded HTTP/1.1 connection is still a client connection: it counts
+/// in `portico_connections_active` and holds its `limits.max_connections`
+/// permit until the socket closes, although the HTTP connection that carried
+/// the handshake has ended inside portico.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_keeps_its_connection_slot_until_it_closes() {
+    let _serial = SERIAL.read().await;
+    bounded(30, async {
+        let mut env = Env::start("[limits]\nmax_connections = 1", big_config()).await;
+        let listener = env.addr.to_string();
+        let active = [("listener", listener.as_str())];
+        let refused = [
+            ("listener", listener.as_str()),
+            ("limit", "max_connections"),
+        ];
+        let (mut ws, _) = ws_h1(env.addr, "/v1/responses", big_config()).await;
+        let _ = env.echo.handshake().await;
+        // A round trip: the bridge runs, so the handshake's HTTP connection
+        // inside portico has ended by now.
+        echo(&mut ws, Message::text("still here")).await;
+        assert_eq!(
+            env.portico
+                .metric("portico_connections_active", &active)
+                .await,
+            1.0,
+            "an open WebSocket is an open connection"
+        );
+        // The one permit is the WebSocket's: a second client is refused.
+        let mut second = common::connect(env.addr).await;
+        common::expect_closed(&mut second, Duration::from_secs(2)).await;
+        assert_eq!(
+            env.metric_eventually(
+                "portico_connections_refused_total",
+                &refused,
+                1.0,
+                Duration::from_secs(2)
+            )
+            .await,
+            1.0,
+            "the second connection was not refused while the WebSocket held the only permit"
+        );
+        echo(&mut ws, Message::text("unharmed")).await;
+
+        close_from_client(&mut ws, &mut env.echo).await;
+        hang_up(ws).await;
+        assert_eq!(
+            env.metric_eventually(
+                "portico_connections_active",
+                &active,
+                0.0,
+                Duration::from_secs(2)
+            )
+            .await,
+            0.0,
+            "the connection gauge did not return to 0 within 2s of the close"
+        );
+        // The permit is back: a new WebSocket opens.
+        let (mut again, _) = ws_h1(env.addr, "/v1/responses", big_config()).await;
+        let _ = env.echo.handshake().await;
+        echo(&mut again, Message::text("after")).await;
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------- 3b. lingering client
 
 /// After the close handshake the upstream closed its TCP connection and

@@ -15,7 +15,7 @@ use super::exchange::Exchange;
 use super::router::Router;
 use super::upstream::UpstreamClient;
 use crate::config::{Cors, MatchKind, Site, Target};
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{ConnSlot, Lifecycle};
 
 /// A location ready to serve.
 pub struct LocationRuntime {
@@ -137,6 +137,9 @@ pub struct ConnContext {
     /// Upgraded streams outlive their request: tracked for shutdown drains
     /// and cut when the grace period is over.
     pub life: Lifecycle,
+    /// The connection's permit and active count; an upgraded stream keeps a
+    /// clone so the connection counts until its socket closes.
+    pub slot: Arc<ConnSlot>,
 }
 
 /// The headers a preflight answer adds besides the allowed origin; built

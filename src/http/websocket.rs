@@ -223,7 +223,11 @@ pub async fn proxy(
         .eq_ignore_ascii_case("websocket")
         .then_some(WEBSOCKET_LINGER);
     let hard_stop = conn_ctx.life.hard_stop.clone();
+    let slot = conn_ctx.slot.clone();
     conn_ctx.life.tasks.spawn(async move {
+        // The client's socket is open until this task ends, whatever
+        // happened to the HTTP connection that carried the handshake.
+        let _slot = slot;
         let (c, u) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
             Ok(x) => x,
             Err(e) => {
