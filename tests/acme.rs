@@ -359,6 +359,8 @@ const API_ERR: &[(&str, &str)] = &[("site", "api"), ("result", "error")];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn01_issues_reuses_and_renews() {
     bounded(120, async {
+        // Pebble validates TLS-ALPN-01 on a port it is told at start, before
+        // portico runs: this one port is picked in advance.
         let listen = free_addr();
         // 20 s certificates: renewal a third before the end, ~13 s after issuance.
         let pebble = Pebble::start(listen.port(), free_addr().port(), 20).await;
@@ -480,7 +482,7 @@ fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http01_issues_on_the_redirect_route() {
     bounded(60, async {
-        let listen = free_addr();
+        let listen = any_port();
         let plain = free_addr();
         let pebble = Pebble::start(free_addr().port(), plain.port(), 3600).await;
         let storage = TempDir::new();
@@ -491,6 +493,7 @@ async fn http01_issues_on_the_redirect_route() {
         let config = acme_config(listen, &pebble, storage.path(), "http-01", origin, &extra);
         // Started self-signed; SIGHUP switches the site to ACME.
         let portico = Portico::start(&config.replace("cert = \"acme\"", "cert = \"self-signed\"")).await;
+        let listen = portico.addr();
         let self_signed = &[("site", "api"), ("source", "self-signed")];
         assert!(portico.metric("portico_certificate_expiry_timestamp_seconds", self_signed).await > 0.0);
         assert_eq!(portico.metric("portico_acme_orders_total", API).await, 0.0);
@@ -529,7 +532,7 @@ async fn file_certificate_expiring_soon_is_a_warning() {
             .status()
             .expect("openssl is installed by scripts/test-all");
         assert!(status.success());
-        let listen = free_addr();
+        let listen = any_port();
         let config = format!(
             "[[listen]]\naddr = \"{listen}\"\n\n[[route]]\nsni = [\"api.test\"]\nterminate = \"api\"\n\n[site.api]\ncert = \"{}\"\nkey = \"{}\"\n\n[[site.api.location]]\npath = \"/\"\nrespond = {{ status = 200 }}\n",
             cert.display(),
@@ -562,6 +565,8 @@ async fn file_certificate_expiring_soon_is_a_warning() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_validation_keeps_the_certificate_and_backs_off() {
     bounded(90, async {
+        // Pebble validates TLS-ALPN-01 on a port it is told at start, before
+        // portico runs: this one port is picked in advance.
         let listen = free_addr();
         // 9 s certificates: renewal starts ~6 s after issuance.
         let pebble = Pebble::start(listen.port(), free_addr().port(), 9).await;
@@ -609,7 +614,7 @@ async fn failed_validation_keeps_the_certificate_and_backs_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_acme_input_is_one_line_and_other_sites_serve() {
     bounded(60, async {
-        let listen = free_addr();
+        let listen = any_port();
         let pebble = Pebble::start(free_addr().port(), free_addr().port(), 3600).await;
         let storage = TempDir::new();
         let not_pem = storage.path().join("not.pem");
@@ -652,7 +657,8 @@ respond = {{ status = 200, body = "other" }}
                 storage = storage.path().display(),
             )
         };
-        let unreachable = format!("https://{}/dir", free_addr());
+        let dead = DeadPort::new();
+        let unreachable = format!("https://{}/dir", dead.addr);
         let not_acme = format!("https://{}/roots/0", pebble.management);
         let cases = [
             (
@@ -669,6 +675,7 @@ respond = {{ status = 200, body = "other" }}
         ];
         for (directory, ca, expect) in cases {
             let portico = Portico::start(&config(&directory, &ca)).await;
+            let listen = portico.addr();
             portico
                 .wait_metric_at_least("portico_acme_orders_total", API_ERR, 1.0, ISSUE_WITHIN)
                 .await;

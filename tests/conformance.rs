@@ -16,7 +16,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{
-    api_config, bounded, free_addr, insecure_connector, tls_connect, Portico, RecordingUpstream,
+    any_port, any_port_v6, api_config, bounded, insecure_connector, tls_connect, DeadPort, Portico,
+    RecordingUpstream,
 };
 use standin::{Script, Standin, Upgrades};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -81,8 +82,12 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
 /// A config that names one of everything: a passthrough route and backend,
 /// a terminated site with an upstream location, a redirect listener, and a
 /// listener that accepts PROXY headers.
-fn everything_config(listen: SocketAddr, plain: SocketAddr, upstream: SocketAddr) -> String {
-    let backend = free_addr();
+fn everything_config(
+    listen: SocketAddr,
+    plain: SocketAddr,
+    backend: SocketAddr,
+    upstream: SocketAddr,
+) -> String {
     api_config(
         listen,
         &format!(
@@ -122,9 +127,12 @@ url = "http://{upstream}"
 async fn dashboard_metrics_exist_from_start() {
     bounded(60, async {
         let upstream = RecordingUpstream::start().await;
-        let listen = free_addr();
-        let plain = free_addr();
-        let portico = Portico::start(&everything_config(listen, plain, upstream.addr)).await;
+        let listen = any_port();
+        // The second listener on [::1]: two `127.0.0.1:0` would be one address.
+        let plain = any_port_v6();
+        let backend = DeadPort::new();
+        let portico =
+            Portico::start(&everything_config(listen, plain, backend.addr, upstream.addr)).await;
         let text = portico.metrics_text().await;
         let scraped = scraped_names(&text);
         let wanted = dashboard_names();
@@ -153,7 +161,7 @@ const STEP: Duration = Duration::from_secs(10);
 /// portico with one site `api` whose `/` goes to a recording upstream.
 async fn recorded_site(extra_site: &str) -> (Portico, SocketAddr, RecordingUpstream) {
     let upstream = RecordingUpstream::start().await;
-    let listen = free_addr();
+    let listen = any_port();
     let config = api_config(
         listen,
         "",
@@ -169,7 +177,9 @@ url = "http://{}"
             upstream.addr
         ),
     );
-    (Portico::start(&config).await, listen, upstream)
+    let portico = Portico::start(&config).await;
+    let listen = portico.addr();
+    (portico, listen, upstream)
 }
 
 fn get_fields<'a>(path: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
@@ -338,7 +348,7 @@ async fn no_alpn_still_detects_both() {
 
 /// portico with `/v1/` to a stand-in, the location's websocket setting as given.
 async fn ws_site(standin: &Standin, websocket: &str) -> (Portico, SocketAddr) {
-    let listen = free_addr();
+    let listen = any_port();
     let config = api_config(
         listen,
         "",
@@ -356,7 +366,9 @@ url = "http://{}"
             standin.addr
         ),
     );
-    (Portico::start(&config).await, listen)
+    let portico = Portico::start(&config).await;
+    let listen = portico.addr();
+    (portico, listen)
 }
 
 /// An HTTP/1.1 WebSocket upgrade over TLS; returns the response head and
@@ -718,7 +730,7 @@ async fn unauthorized_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 async fn h2_early_401_from_the_upstream_reaches_curl() {
     bounded(60, async {
         let (addr, task) = unauthorized_upstream().await;
-        let listen = free_addr();
+        let listen = any_port();
         let config = api_config(
             listen,
             "",
@@ -733,7 +745,8 @@ url = "http://{addr}"
 "#
             ),
         );
-        let _p = Portico::start(&config).await;
+        let p = Portico::start(&config).await;
+        let listen = p.addr();
         let (code, status, err) =
             tokio::task::spawn_blocking(move || curl_upload(listen, "/v1/responses", 2 << 20))
                 .await
@@ -794,13 +807,14 @@ async fn tls_client_closing_without_close_notify_ends_its_tunnel_cleanly() {
     bounded(60, async {
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let backend_addr = backend.local_addr().expect("addr");
-        let listen = free_addr();
+        let listen = any_port();
         let config = api_config(
             listen,
             &format!("[backend.vless]\naddr = \"{backend_addr}\"\n"),
             "non_http = \"vless\"\n[[site.api.location]]\npath = \"/\"\nrespond = { status = 200, body = \"ok\" }\n",
         );
         let portico = Portico::start(&config).await;
+        let listen = portico.addr();
         let (mut tls, _) = tls_connect(listen, &insecure_connector(&[b"http/1.1"]), "api.test").await;
         tls.write_all(b"\x00\x01vless-bytes").await.expect("send");
         let (mut up, _) = tokio::time::timeout(STEP, backend.accept())

@@ -1311,6 +1311,8 @@ async fn hostile_proxy_headers_are_refused_quickly_and_bounded() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
         let up = RecordingUpstream::start().await;
+        // Three listeners: more than the two loopback families that port 0
+        // can tell apart (listeners are keyed by their configured address).
         let untrusting = free_addr();
         let trusting = free_addr();
         let extra = format!(

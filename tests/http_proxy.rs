@@ -38,8 +38,8 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
 use common::{
-    any_port, api_config, bounded, connect, empty, free_addr, full, rss_kib, BoxError, Portico,
-    TempDir, TestBody,
+    any_port, any_port_v6, api_config, bounded, connect, empty, full, rss_kib, BoxError, DeadPort,
+    Portico, TempDir, TestBody,
 };
 
 /// Write: this test runs alone in this binary. Read: shares with the others.
@@ -1064,14 +1064,19 @@ async fn upstream_sees_forwarding_headers_and_no_hop_by_hop() {
     let _serial = SERIAL.read().await;
     bounded(30, async {
         let origin = Origin::tcp(OriginProto::Http1).await;
-        let listen = free_addr();
-        let proxied = free_addr();
+        let listen = any_port();
+        // On [::1]: two `127.0.0.1:0` listeners would be one address.
         let cfg = proxy_config(listen, &origin.url)
             + &format!(
-                "\n[[listen]]\naddr = \"{proxied}\"\n\
-                 accept_proxy = true\ntrusted = [\"127.0.0.1/32\"]\n"
+                "\n[[listen]]\naddr = \"{}\"\n\
+                 accept_proxy = true\ntrusted = [\"::1/128\"]\n",
+                any_port_v6()
             );
-        let _p = Portico::start(&cfg).await;
+        let p = Portico::start(&cfg).await;
+        let (listen, proxied) = match p.listening()[..] {
+            [a, b] => (a, b),
+            ref other => panic!("expected two listeners, got {other:?}"),
+        };
 
         // HTTP/1.1 with everything a client might send.
         let mut c = Client::connect(listen, Proto::H1).await;
@@ -1227,8 +1232,10 @@ async fn errors_are_typed_with_one_line_bodies() {
     let _serial = SERIAL.read().await;
     bounded(40, async {
         let mut origin = Origin::tcp(OriginProto::Http1).await;
-        let listen = free_addr();
-        let dead = free_addr();
+        let listen = any_port();
+        // Bound, never listening: connections are refused.
+        let dead_port = DeadPort::new();
+        let dead = dead_port.addr;
         let (_hole, _fill, hole) = tokio::task::spawn_blocking(blackhole).await.unwrap();
         let site = r#"max_body = "1MiB"
 
@@ -1272,6 +1279,7 @@ upstream_connect = "300ms"
             origin.url
         );
         let p = Portico::start(&config(listen, site, &rest)).await;
+        let listen = p.addr();
         let mut c = Client::connect(listen, Proto::H1).await;
 
         // 502: nothing listens.
@@ -1421,7 +1429,7 @@ async fn cors_and_site_headers() {
     let _serial = SERIAL.read().await;
     bounded(30, async {
         let origin = Origin::tcp(OriginProto::Http1).await;
-        let listen = free_addr();
+        let listen = any_port();
         let site = r#"headers = { "Strict-Transport-Security" = "max-age=31536000", "X-Site" = "api" }
 cors = { origins = ["https://app.test"] }
 
@@ -1434,12 +1442,13 @@ respond = { status = 200, body = "fixed" }
 path = "/"
 upstream = "origin"
 "#;
-        let _p = Portico::start(&config(
+        let p = Portico::start(&config(
             listen,
             site,
             &format!("[upstream.origin]\nurl = \"{}\"\n", origin.url),
         ))
         .await;
+        let listen = p.addr();
         let site_headers = |r: &Response<Incoming>| {
             assert_eq!(
                 header_str(r, "strict-transport-security"),
@@ -1546,11 +1555,12 @@ upstream = "origin"
 async fn plain_http_is_redirected_to_https() {
     let _serial = SERIAL.read().await;
     bounded(20, async {
-        let listen = free_addr();
+        let listen = any_port();
         let rest = "[[route]]\nprotocol = \"http\"\nredirect = \"https\"\n";
         let site =
             "[[site.api.location]]\npath = \"/\"\nrespond = { status = 200, body = \"tls\" }\n";
         let p = Portico::start(&config(listen, site, rest)).await;
+        let listen = p.addr();
         let mut s = TcpStream::connect(listen).await.unwrap();
         s.write_all(b"GET /a?b=1 HTTP/1.1\r\nHost: api.test:8080\r\n\r\n")
             .await
@@ -1612,7 +1622,7 @@ async fn upstream_connections_are_reused_and_h2c_works() {
     bounded(40, async {
         let pooled = Origin::tcp(OriginProto::Http1).await;
         let h2c = Origin::tcp(OriginProto::H2c).await;
-        let listen = free_addr();
+        let listen = any_port();
         let site = "[[site.api.location]]\npath = \"/ka/\"\nupstream = \"pooled\"\n\n\
                     [[site.api.location]]\npath = \"/h2c/\"\nupstream = \"h2\"\n";
         let rest = format!(
@@ -1620,7 +1630,8 @@ async fn upstream_connections_are_reused_and_h2c_works() {
              [upstream.h2]\nurl = \"{}\"\nprotocol = \"h2c\"\n",
             pooled.url, h2c.url
         );
-        let _p = Portico::start(&config(listen, site, &rest)).await;
+        let p = Portico::start(&config(listen, site, &rest)).await;
+        let listen = p.addr();
 
         let mut c = Client::connect(listen, Proto::H1).await;
         for i in 0..20 {
@@ -1681,8 +1692,8 @@ async fn unix_socket_upstream() {
         let dir = TempDir::new();
         let origin = Origin::unix(&dir.path().join("o.sock")).await;
         let listen = any_port();
-        let _p = Portico::start(&proxy_config(listen, &origin.url)).await;
-        let listen = *_p.listening().last().expect("portico logged its listener");
+        let p = Portico::start(&proxy_config(listen, &origin.url)).await;
+        let listen = *p.listening().last().expect("portico logged its listener");
         for proto in [Proto::H1, Proto::H2] {
             let mut c = Client::connect(listen, proto).await;
             let path = format!("/unix/{}", proto.name());
@@ -1730,7 +1741,7 @@ async fn certificates_from_pem_files() {
             std::fs::write(d.join(format!("{name}.crt")), &g.cert_pem).unwrap();
             std::fs::write(d.join(format!("{name}.key")), &g.key_pem).unwrap();
         }
-        let listen = free_addr();
+        let listen = any_port();
         let mut cfg = format!("[[listen]]\naddr = \"{listen}\"\n");
         for name in ["ec", "rsa"] {
             cfg.push_str(&format!(
@@ -1745,6 +1756,7 @@ async fn certificates_from_pem_files() {
             ));
         }
         let p = Portico::start(&cfg).await;
+        let listen = p.addr();
         for (name, g) in [("ec", &ec), ("rsa", &rsa)] {
             for version in BOTH_VERSIONS {
                 let sni = format!("{name}.test");
@@ -1787,9 +1799,10 @@ async fn certificates_from_pem_files() {
 async fn tls_sessions_resume_over_1_2_and_1_3() {
     let _serial = SERIAL.read().await;
     bounded(20, async {
-        let listen = free_addr();
+        let listen = any_port();
         let site = "[[site.api.location]]\npath = \"/\"\nrespond = { status = 200, body = \"fixed reply\" }\n";
-        let _p = Portico::start(&config(listen, site, "")).await;
+        let p = Portico::start(&config(listen, site, "")).await;
+        let listen = p.addr();
         for version in BOTH_VERSIONS {
             // One ClientConfig, so both connections share its session store.
             let cfg = client_tls(&[b"http/1.1"], &[version]);
@@ -1922,13 +1935,14 @@ async fn non_http_streams_go_to_their_backend() {
     bounded(30, async {
         let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let backend_addr = backend.local_addr().unwrap();
-        let listen = free_addr();
+        let listen = any_port();
         let cfg = config(
             listen,
             "non_http = \"vless\"\n[[site.api.location]]\npath = \"/\"\nrespond = { status = 200, body = \"http-here\" }\n",
             &format!("[backend.vless]\naddr = \"{backend_addr}\"\nproxy_protocol = \"v2\"\n"),
         );
         let portico = Portico::start(&cfg).await;
+        let listen = portico.addr();
 
         // Not HTTP: a binary first byte, like VLESS's version byte.
         let mut tls = tls_connect(listen, client_tls(&[b"h2", b"http/1.1"], BOTH_VERSIONS), "api.test", b"").await;
@@ -2084,10 +2098,11 @@ async fn long_sse_outlives_the_request_header_timeout() {
                 });
             }
         });
-        let listen = free_addr();
+        let listen = any_port();
         let cfg = proxy_config(listen, &format!("http://{origin}"))
             + "\n[timeouts]\nrequest_header = \"1s\"\n";
         let portico = Portico::start(&cfg).await;
+        let listen = portico.addr();
         for proto in [Proto::H1, Proto::H2] {
             let mut c = Client::connect(listen, proto).await;
             let started = Instant::now();

@@ -25,8 +25,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use common::{
-    bounded, free_addr, insecure_connector, next_accepted, portico_check, portico_command,
-    tls_connect, Expect, Portico, TempDir, TestCert, TlsEcho,
+    any_port, bounded, free_addr, insecure_connector, next_accepted, portico_check,
+    portico_command, tls_connect, Expect, Portico, TempDir, TestCert, TlsEcho,
 };
 
 /// One step of a test (a handshake, a response, an event).
@@ -647,7 +647,7 @@ async fn cpa_layout_carries_tunnel_api_sse_and_codex_websocket() {
             tx,
         )
         .await;
-        let listen = free_addr();
+        let listen = any_port();
         let config = localize(
             &with_certs("cpa", &import_fixture("cpa").await, dir.path()),
             &[
@@ -658,6 +658,7 @@ async fn cpa_layout_carries_tunnel_api_sse_and_codex_websocket() {
             ],
         );
         let _portico = Portico::start(&config).await;
+        let listen = _portico.addr();
 
         // The tunnel's name, and any name nothing else claims, reach Xray
         // with PROXY v1 as the fallbacks' xver 1 asked.
@@ -699,6 +700,7 @@ async fn nginx_docs_layout_carries_stream_pass_and_terminated_relay() {
         let embeddings = Origin::unix("embeddings", &dir.path().join("embeddings.sock")).await;
         let (tx, mut events) = mpsc::unbounded_channel();
         let tunnel = TlsEcho::start("tunnel", &TestCert::generate(), &["h2"], Expect::V1, tx).await;
+        // The imported file names both ports; it is rewritten to these.
         let (listen, plain) = (free_addr(), free_addr());
         let config = localize(
             &with_certs(
@@ -746,7 +748,7 @@ async fn nginx_docs_layout_carries_stream_pass_and_terminated_relay() {
 async fn ollama_block_carries_sse_and_cors() {
     bounded(60, async {
         let ollama = Origin::tcp("ollama").await;
-        let listen = free_addr();
+        let listen = any_port();
         let config = localize(
             &import_fixture("ollama").await,
             &[
@@ -755,6 +757,7 @@ async fn ollama_block_carries_sse_and_cors() {
             ],
         );
         let _portico = Portico::start(&config).await;
+        let listen = _portico.addr();
         // No server_name: the site takes any name (self-signed certificate).
         assert_reaches(listen, "ollama.test", "/api/tags", "ollama").await;
         let resp = request(
@@ -799,6 +802,7 @@ async fn openwebui_block_carries_sse_websocket_and_redirect() {
     bounded(60, async {
         let dir = TempDir::new();
         let webui = Origin::tcp("webui").await;
+        // The imported file names both ports; it is rewritten to these.
         let (listen, plain) = (free_addr(), free_addr());
         let config = localize(
             &with_certs("openwebui", &import_fixture("openwebui").await, dir.path()),

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
 
-use common::{bounded, free_addr, Portico, TempDir};
+use common::{any_port, bounded, Portico, TempDir};
 use standin::{Script, Standin, Transport, Upgrades};
 
 /// The Codex CLI installed by scripts/test-all (`npm install --prefix`).
@@ -320,7 +320,7 @@ async fn start_portico(
     nows: &Standin,
     websocket: &str,
 ) -> (Portico, SocketAddr) {
-    let listen = free_addr();
+    let listen = any_port();
     let config = format!(
         r#"
 [[listen]]
@@ -356,7 +356,9 @@ url = "http://{nows}"
         ws = ws.addr,
         nows = nows.addr,
     );
-    (Portico::start(&config).await, listen)
+    let portico = Portico::start(&config).await;
+    let listen = portico.addr();
+    (portico, listen)
 }
 
 /// Gaps between consecutive times, in ms.

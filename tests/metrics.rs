@@ -49,8 +49,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use common::{
-    any_port, api_config, bounded, empty, free_addr, full, insecure_client_config,
-    insecure_connector, metric_value, pseudo_random, BoxError, Expect, Portico, TestBody,
+    any_port, any_port_v6, api_config, bounded, empty, free_addr, full, insecure_client_config,
+    insecure_connector, metric_value, pseudo_random, BoxError, DeadPort, Expect, Portico, TestBody,
 };
 
 // ---------------------------------------------------------------- the mix, in numbers
@@ -952,9 +952,12 @@ async fn run_mix() -> Mix {
     let pp_payload = pseudo_random(B_TUNNEL_PP, 0x5eed_0004);
     let (sink, mut sink_rx, _sink_task) = start_sink(Expect::None, tunnel_reply.clone()).await;
     let (pp_sink, mut pp_rx, _pp_task) = start_sink(Expect::V2, pp_reply.clone()).await;
-    let dead = free_addr();
-    let listen = free_addr();
-    let proxy_listen = free_addr();
+    // Bound, never listening: connections are refused.
+    let dead_port = DeadPort::new();
+    let dead = dead_port.addr;
+    let listen = any_port();
+    // On [::1]: two `127.0.0.1:0` listeners would be one address.
+    let proxy_listen = any_port_v6();
     let p = Portico::start(&main_config(
         listen,
         proxy_listen,
@@ -965,6 +968,10 @@ async fn run_mix() -> Mix {
         dead,
     ))
     .await;
+    let (listen, proxy_listen) = match p.listening()[..] {
+        [a, b] => (a, b),
+        ref other => panic!("expected two listeners, got {other:?}"),
+    };
     let mut terminate_conns = 0;
 
     // Plain requests, with a reload in the middle: counters survive it.
@@ -1221,7 +1228,7 @@ async fn run_mix() -> Mix {
     let copy_reply = pseudo_random(B_TUNNEL, 0x5eed_0005);
     let copy_payload = pseudo_random(B_TUNNEL, 0x5eed_0006);
     let (copy_sink, mut copy_rx, _copy_task) = start_sink(Expect::V1, copy_reply.clone()).await;
-    let limits_listen = free_addr();
+    let limits_listen = any_port();
     let lp = Portico::start(&api_config(
         limits_listen,
         &format!(
@@ -1248,6 +1255,7 @@ respond = { status = 200, body = "ok" }
 "#,
     ))
     .await;
+    let limits_listen = lp.addr();
     let copy_hello_len = tunnel_transfer(
         limits_listen,
         "tunnel.test",
@@ -2040,8 +2048,12 @@ fn json_access_log_lines_carry_every_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_log_overrides_log_level() {
     bounded(30, async {
+        // RUST_LOG=warn hides the info line that names a port-0 listener's
+        // port: this test picks its port in advance.
         let listen = free_addr();
-        let dead = free_addr();
+        // Bound, never listening: connections are refused.
+        let dead_port = DeadPort::new();
+        let dead = dead_port.addr;
         let locations = format!(
             r#"
 [[site.api.location]]

@@ -40,7 +40,8 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 
 use common::{
-    bounded, free_addr, portico_check, Accepted, Expect, Portico, TempDir, TestCert, TlsEcho,
+    any_port, bounded, free_addr, portico_check, Accepted, Expect, Portico, TempDir, TestCert,
+    TlsEcho,
 };
 
 /// One test at a time in this binary.
@@ -764,8 +765,9 @@ async fn load_loop(
 /// tunnel, and `shutdown_grace = grace`.
 async fn start_portico(grace: &str) -> (Fixture, SocketAddr, Portico) {
     let fx = Fixture::new().await;
-    let listen = free_addr();
-    let p = Portico::start(&fx.config(&[listen], "one", None, grace)).await;
+    let listen = any_port();
+    let p = Portico::start(&fx.config(&[any_port()], "one", None, grace)).await;
+    let listen = p.addr();
     (fx, listen, p)
 }
 
@@ -798,9 +800,10 @@ async fn sighup_under_load_switches_new_connections_and_keeps_open_ones() {
     bounded(60, async {
         let fx = Fixture::new().await;
         let (tcert, echo, _events) = start_echo().await;
-        let listen = free_addr();
-        let cfg = |which: &str| fx.config(&[listen], which, Some(echo.addr), "30s");
+        let listen = any_port();
+        let cfg = |which: &str| fx.config(&[any_port()], which, Some(echo.addr), "30s");
         let p = Portico::start(&cfg("one")).await;
+        let listen = p.addr();
         let stop = Arc::new(AtomicBool::new(false));
 
         let tunnel = tokio::spawn(run_tunnel(
@@ -900,9 +903,10 @@ async fn broken_reloads_keep_the_old_config_and_log_what_check_prints() {
     let _serial = SERIAL.lock().await;
     bounded(40, async {
         let fx = Fixture::new().await;
-        let listen = free_addr();
-        let good = fx.config(&[listen], "one", None, "30s");
+        let listen = any_port();
+        let good = fx.config(&[any_port()], "one", None, "30s");
         let mut p = Portico::start(&good).await;
+        let listen = p.addr();
         let mut keep = Conn::open(listen, &fx.tls, Proto::H2).await.unwrap();
         assert_eq!(keep.text("/which").await.unwrap(), (200, "one".into()));
 
@@ -995,7 +999,7 @@ async fn broken_reloads_keep_the_old_config_and_log_what_check_prints() {
         assert_eq!(p.metric(RELOADS, ERROR).await, 3.0);
 
         // A good file afterwards is taken as usual.
-        reload(&p, &fx.config(&[listen], "two", None, "30s"), OK, 1.0).await;
+        reload(&p, &fx.config(&[any_port()], "two", None, "30s"), OK, 1.0).await;
         assert_eq!(
             which_on_new_conn(listen, &fx.tls, Proto::H1).await,
             (200, "two".to_string())
@@ -1050,6 +1054,8 @@ async fn reload_opens_and_closes_listeners_and_keeps_the_others() {
     let _serial = SERIAL.lock().await;
     bounded(30, async {
         let fx = Fixture::new().await;
+        // Picked in advance: the test checks that `extra` refuses before the
+        // reload that adds it and after the one that removes it.
         let main = free_addr();
         let extra = free_addr();
         let p = Portico::start(&fx.config(&[main], "one", None, "30s")).await;
@@ -1384,8 +1390,9 @@ async fn sigterm_cuts_streams_after_the_grace_period_and_exits_0() {
     bounded(30, async {
         let fx = Fixture::new().await;
         let (tcert, echo, _events) = start_echo().await;
-        let listen = free_addr();
-        let mut p = Portico::start(&fx.config(&[listen], "one", Some(echo.addr), "1s")).await;
+        let listen = any_port();
+        let mut p = Portico::start(&fx.config(&[any_port()], "one", Some(echo.addr), "1s")).await;
+        let listen = p.addr();
         // A tunnel and a WebSocket: neither ends by itself.
         let (mut tun, _) = common::tls_connect(
             listen,
@@ -1588,9 +1595,9 @@ async fn sd_notify_ready_reloading_stopping() {
         let dir = TempDir::new();
         let path = dir.path().join("notify.sock");
         let sock = tokio::net::UnixDatagram::bind(&path).expect("bind notify socket");
-        let listen = free_addr();
+        let any = any_port();
         let mut p = Portico::spawn_with_env(
-            &fx.config(&[listen], "one", None, "5s"),
+            &fx.config(&[any], "one", None, "5s"),
             &[("NOTIFY_SOCKET", path.to_str().unwrap())],
         );
         let mut before = Vec::new();
@@ -1601,14 +1608,16 @@ async fn sd_notify_ready_reloading_stopping() {
             }
             before.push(m);
         }
-        // READY=1 means every listener is bound: connect now, no retry.
+        // READY=1 means every listener is bound (and logged): connect now,
+        // no retry.
+        let listen = p.addr();
         TcpStream::connect(listen)
             .await
             .unwrap_or_else(|e| panic!("READY=1 sent but {listen} refuses: {e}"));
         p.wait_until_ready().await;
 
         // A good reload: RELOADING=1 + MONOTONIC_USEC, then READY=1.
-        p.rewrite_config(&fx.config(&[listen], "two", None, "5s"));
+        p.rewrite_config(&fx.config(&[any], "two", None, "5s"));
         p.signal("HUP");
         let m1 = notify_next(&sock, "RELOADING=1", Duration::from_secs(5)).await;
         let usec1 = check_reloading(&m1);
@@ -1709,7 +1718,7 @@ async fn systemd_unit_verifies_and_is_hardened() {
         let original = std::fs::read_to_string(&src).expect("read systemd/portico.service");
         let dir = TempDir::new();
         let config = dir.path().join("portico.toml");
-        let listen = free_addr();
+        let listen = any_port();
         std::fs::write(
             &config,
             format!(
@@ -1948,26 +1957,33 @@ fn redirect_config(listen: SocketAddr) -> String {
 async fn no_arguments_runs_the_file_in_portico_config() {
     bounded(20, async {
         let dir = TempDir::new();
-        let listen = free_addr();
         let path = dir.path().join("portico.toml");
-        std::fs::write(&path, redirect_config(listen)).unwrap();
+        std::fs::write(&path, redirect_config(any_port())).unwrap();
+        let log = dir.path().join("stderr.log");
         let mut child = common::portico_command()
             .env("PORTICO_CONFIG", &path)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create stderr log"))
             .spawn()
             .expect("start portico");
-        let mut answer = String::new();
-        for _ in 0..100 {
-            if let Ok(mut s) = TcpStream::connect(listen).await {
-                s.write_all(b"GET /x HTTP/1.1\r\nHost: env.test\r\nConnection: close\r\n\r\n")
-                    .await
-                    .unwrap();
-                s.read_to_string(&mut answer).await.unwrap();
-                break;
+        // The listener's address, once portico has bound it and said so.
+        let listen = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(addr) = common::logged_addrs(&text, "listening").first() {
+                break *addr;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            assert!(
+                child.try_wait().ok().flatten().is_none(),
+                "portico exited: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut answer = String::new();
+        let mut s = TcpStream::connect(listen).await.unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: env.test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        s.read_to_string(&mut answer).await.unwrap();
         let _ = child.kill();
         let _ = child.wait();
         assert!(answer.starts_with("HTTP/1.1 308"), "got {answer:?}");
@@ -1984,7 +2000,7 @@ async fn no_arguments_runs_the_file_in_portico_config() {
 #[tokio::test]
 async fn runs_with_transparent_huge_pages_off() {
     bounded(20, async {
-        let listen = free_addr();
+        let listen = any_port();
         let portico = Portico::start(&redirect_config(listen)).await;
         let thp = status_field(portico.pid(), "THP_enabled")
             .expect("THP_enabled in /proc/PID/status (Linux >= 5.0)");
@@ -2001,13 +2017,14 @@ async fn runs_with_transparent_huge_pages_off() {
 async fn workers_and_tokio_worker_threads_set_the_thread_count() {
     bounded(30, async {
         for (workers, env, want) in [(1, None, "1"), (3, None, "4"), (1, Some("2"), "3")] {
-            let listen = free_addr();
+            let listen = any_port();
             let config = format!("workers = {workers}\n{}", redirect_config(listen));
             let env: Vec<(&str, &str)> = env
                 .map(|n| ("TOKIO_WORKER_THREADS", n))
                 .into_iter()
                 .collect();
             let p = Portico::start_with_env(&config, &env).await;
+            let listen = p.addr();
             assert_eq!(
                 status_field(p.pid(), "Threads").as_deref(),
                 Some(want),

@@ -199,7 +199,7 @@ async fn alpn_splits_one_sni_between_two_backends() {
         let a = TlsEcho::start("A", &cert, &alpn, Expect::None, tx.clone()).await;
         let b = TlsEcho::start("B", &cert, &alpn, Expect::None, tx).await;
         let listen = any_port();
-        let _p = Portico::start(&format!(
+        let p = Portico::start(&format!(
             r#"
 [[listen]]
 addr = "{listen}"
@@ -222,7 +222,7 @@ addr = "{}"
             a.addr, b.addr
         ))
         .await;
-        let listen = *_p.listening().last().expect("portico logged its listener");
+        let listen = *p.listening().last().expect("portico logged its listener");
 
         let cases: [(&[&str], &str, &[u8]); 2] = [
             (&["h2", "http/1.1"], "A", b"h2"),
@@ -252,7 +252,7 @@ async fn wildcard_sni_and_catch_all_decoy() {
         let a = TlsEcho::start("A", &cert, &["h2"], Expect::None, tx.clone()).await;
         let decoy = TlsEcho::start("decoy", &cert, &["h2"], Expect::None, tx).await;
         let listen = any_port();
-        let _p = Portico::start(&format!(
+        let p = Portico::start(&format!(
             r#"
 [[listen]]
 addr = "{listen}"
@@ -273,7 +273,7 @@ addr = "{}"
             a.addr, decoy.addr
         ))
         .await;
-        let listen = *_p.listening().last().expect("portico logged its listener");
+        let listen = *p.listening().last().expect("portico logged its listener");
 
         // (name verified by the client, send SNI?, expected server, SNI the server saw)
         let cases = [
@@ -311,7 +311,7 @@ async fn unix_socket_backend_gets_the_exact_hello_bytes_first() {
         let dir = TempDir::new();
         let mut backend = RawBackend::unix(&dir.path().join("b.sock"), Expect::None).await;
         let listen = any_port();
-        let _p = Portico::start(&format!(
+        let p = Portico::start(&format!(
             r#"
 [[listen]]
 addr = "{listen}"
@@ -327,7 +327,7 @@ proxy_protocol = "none"
             backend.addr
         ))
         .await;
-        let listen = *_p.listening().last().expect("portico logged its listener");
+        let listen = *p.listening().last().expect("portico logged its listener");
 
         let mut sent = fixture("curl-default.bin");
         let hello_len = sent.len();
@@ -359,15 +359,14 @@ async fn proxy_headers_to_backends_carry_addresses_and_tlvs() {
         let alpn = ["h2", "http/1.1"];
         let v1 = TlsEcho::start("v1", &cert, &alpn, Expect::V1, tx.clone()).await;
         let v2 = TlsEcho::start("v2", &cert, &alpn, Expect::V2, tx).await;
-        let listen4 = free_addr();
-        let listen6 = free_addr_v6();
-        let _p = Portico::start(&format!(
+        let (any4, any6) = (any_port(), any_port_v6());
+        let p = Portico::start(&format!(
             r#"
 [[listen]]
-addr = "{listen4}"
+addr = "{any4}"
 
 [[listen]]
-addr = "{listen6}"
+addr = "{any6}"
 
 [[route]]
 sni = ["v1.tunnel.test"]
@@ -388,6 +387,10 @@ proxy_protocol = "v2"
             v1.addr, v2.addr
         ))
         .await;
+        let (listen4, listen6) = match p.listening()[..] {
+            [a, b] => (a, b),
+            ref other => panic!("expected two listeners, got {other:?}"),
+        };
 
         // v1 over IPv4 and IPv6: the exact header line.
         for (listen, family) in [(listen4, "TCP4"), (listen6, "TCP6")] {
@@ -571,7 +574,7 @@ async fn slow_hello_one_byte_at_a_time_still_routes_by_sni() {
         let mut tunnel = RawBackend::tcp(Expect::None).await;
         let mut decoy = RawBackend::tcp(Expect::None).await;
         let listen = any_port();
-        let _p = Portico::start(&format!(
+        let p = Portico::start(&format!(
             r#"
 [timeouts]
 client_hello = "10s"
@@ -595,7 +598,7 @@ addr = "{}"
             tunnel.addr, decoy.addr
         ))
         .await;
-        let listen = *_p.listening().last().expect("portico logged its listener");
+        let listen = *p.listening().last().expect("portico logged its listener");
 
         let hello = fixture("chromium-default.bin");
         assert_eq!(hello.len(), 2015);
@@ -791,7 +794,9 @@ addr = "{addr}"
 #[tokio::test]
 async fn unreachable_backend_closes_the_client_and_is_counted() {
     bounded(20, async {
-        let gone = free_addr();
+        // Bound, never listening: connections are refused.
+        let gone_port = DeadPort::new();
+        let gone = gone_port.addr;
         let listen = any_port();
         let p = Portico::start(&unreachable_config(listen, gone)).await;
         let listen = *p.listening().last().expect("portico logged its listener");
@@ -827,9 +832,12 @@ async fn unreachable_backend_closes_the_client_and_is_counted() {
 #[tokio::test]
 async fn log_lines_have_no_colour_codes_when_stderr_is_not_a_terminal() {
     bounded(20, async {
-        let listen = free_addr();
-        let gone = free_addr();
+        let listen = any_port();
+        // Bound, never listening: connections are refused.
+        let gone_port = DeadPort::new();
+        let gone = gone_port.addr;
         let p = Portico::start(&unreachable_config(listen, gone)).await;
+        let listen = p.addr();
         send_and_wait_close(listen, &fixture("curl-default.bin")).await;
         let stderr = p.stderr();
         assert!(stderr.contains("listening"), "stderr:\n{stderr}");

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use common::{bounded, free_addr, insecure_connector, metric_value, Portico};
+use common::{any_port, bounded, insecure_connector, metric_value, DeadPort, Portico};
 
 use fixture::*;
 
@@ -68,16 +68,20 @@ mod fixture {
         pub sse: SocketAddr,
         pub ws: SocketAddr,
         pub down: SocketAddr,
+        /// Keeps `down` bound (and refusing) while the origins live.
+        _down_port: DeadPort,
     }
 
     impl Origins {
         pub async fn start() -> Origins {
             let sse = TcpListener::bind("127.0.0.1:0").await.expect("bind sse");
             let ws = TcpListener::bind("127.0.0.1:0").await.expect("bind ws");
+            let down_port = DeadPort::new();
             let origins = Origins {
                 sse: sse.local_addr().expect("addr"),
                 ws: ws.local_addr().expect("addr"),
-                down: free_addr(),
+                down: down_port.addr,
+                _down_port: down_port,
             };
             tokio::spawn(async move {
                 while let Ok((s, _)) = sse.accept().await {
@@ -321,8 +325,9 @@ url = "http://{down}"
         let dir = common::TempDir::new();
         let (cert, key) = write_cert(dir.path());
         let origins = Origins::start().await;
-        let listen = free_addr();
+        let listen = any_port();
         let p = Portico::start_with_env(&config(listen, &origins, &cert, &key), env).await;
+        let listen = p.addr();
         (p, origins, listen, dir)
     }
 }
@@ -529,9 +534,9 @@ async fn reload_results_show_in_config() {
 
         // A good file with one route less: generation 2, ok, the new table.
         let (cert, key) = (dir.path().join("api.crt"), dir.path().join("api.key"));
-        let fewer = config(listen, &o, &cert, &key)
+        let fewer = config(any_port(), &o, &cert, &key)
             .replace("[[route]]\nsni = [\"tunnel.test\"]\npass = \"vpn\"\n", "");
-        assert_ne!(fewer, config(listen, &o, &cert, &key));
+        assert_ne!(fewer, config(any_port(), &o, &cert, &key));
         let admin = good.split("[admin]").nth(1).expect("harness admin table");
         p.rewrite_config_raw(&format!("{fewer}\n[admin]{admin}"));
         p.signal("HUP");

@@ -36,7 +36,11 @@ pub async fn bounded<F: Future>(secs: u64, f: F) -> F::Output {
     }
 }
 
-/// A loopback address with a port nobody is listening on (bound, then released).
+/// A loopback address with a port nobody is listening on (bound, then
+/// released). Only for ports that must be known before the process that
+/// binds them starts: Pebble's, a listener a reload adds and removes, or a
+/// config with more listeners than loopback families. Everything else binds
+/// port 0 ([`any_port`]) or holds a [`DeadPort`].
 pub fn free_addr() -> SocketAddr {
     StdTcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -49,11 +53,31 @@ pub fn any_port() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-/// Same on `[::1]`.
-pub fn free_addr_v6() -> SocketAddr {
-    StdTcpListener::bind("[::1]:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind [::1]:0")
+/// `[::1]:0`: as [`any_port`], on IPv6 loopback.
+pub fn any_port_v6() -> SocketAddr {
+    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
+}
+
+/// A loopback port that refuses connections for as long as this value
+/// lives: the socket is bound (so nothing else can take the port) but never
+/// listens, so the kernel answers every SYN with a reset.
+pub struct DeadPort {
+    _socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+impl DeadPort {
+    pub fn new() -> DeadPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind 127.0.0.1:0");
+        let addr = socket.local_addr().expect("local_addr");
+        DeadPort {
+            _socket: socket,
+            addr,
+        }
+    }
 }
 
 /// A directory under the system temp dir, removed on drop.
@@ -226,6 +250,14 @@ impl Portico {
     /// `[[listen]]` with port 0 gets a free port: read it here).
     pub fn listening(&self) -> Vec<SocketAddr> {
         logged_addrs(&self.stderr(), "listening")
+    }
+
+    /// The first listener's bound address (its `[[listen]]` may ask for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        *self
+            .listening()
+            .first()
+            .expect("portico logged no listening address")
     }
 
     /// Everything the process wrote to stderr so far.
