@@ -765,7 +765,6 @@ async fn load_loop(
 /// tunnel, and `shutdown_grace = grace`.
 async fn start_portico(grace: &str) -> (Fixture, SocketAddr, Portico) {
     let fx = Fixture::new().await;
-    let listen = any_port();
     let p = Portico::start(&fx.config(&[any_port()], "one", None, grace)).await;
     let listen = p.addr();
     (fx, listen, p)

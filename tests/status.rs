@@ -512,7 +512,7 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_results_show_in_config() {
     bounded(30, async {
-        let (p, o, listen, dir) = start(&[]).await;
+        let (p, o, _listen, dir) = start(&[]).await;
         let good = std::fs::read_to_string(&p.config_path).expect("read config");
         p.rewrite_config_raw("[[listen]\naddr = \"127.0.0.1:1\"\n");
         p.signal("HUP");
