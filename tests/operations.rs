@@ -799,7 +799,6 @@ async fn sighup_under_load_switches_new_connections_and_keeps_open_ones() {
     bounded(60, async {
         let fx = Fixture::new().await;
         let (tcert, echo, _events) = start_echo().await;
-        let listen = any_port();
         let cfg = |which: &str| fx.config(&[any_port()], which, Some(echo.addr), "30s");
         let p = Portico::start(&cfg("one")).await;
         let listen = p.addr();
@@ -902,7 +901,6 @@ async fn broken_reloads_keep_the_old_config_and_log_what_check_prints() {
     let _serial = SERIAL.lock().await;
     bounded(40, async {
         let fx = Fixture::new().await;
-        let listen = any_port();
         let good = fx.config(&[any_port()], "one", None, "30s");
         let mut p = Portico::start(&good).await;
         let listen = p.addr();
@@ -1389,7 +1387,6 @@ async fn sigterm_cuts_streams_after_the_grace_period_and_exits_0() {
     bounded(30, async {
         let fx = Fixture::new().await;
         let (tcert, echo, _events) = start_echo().await;
-        let listen = any_port();
         let mut p = Portico::start(&fx.config(&[any_port()], "one", Some(echo.addr), "1s")).await;
         let listen = p.addr();
         // A tunnel and a WebSocket: neither ends by itself.
