@@ -9,7 +9,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info};
 
 use crate::config::{Config, Listen};
@@ -57,6 +57,8 @@ pub async fn handle(
     label: Arc<str>,
     shared: Arc<Shared>,
     slot: Arc<ConnSlot>,
+    // `limits.max_pending_hellos`: given back once the first bytes are read.
+    pending: OwnedSemaphorePermit,
 ) {
     let gen = shared.current.load_full();
     let cfg = &gen.config;
@@ -70,12 +72,6 @@ pub async fn handle(
     let started = Instant::now();
     let deadline = cfg.timeouts.client_hello;
 
-    let Ok(pending) = shared.pending_hellos.clone().try_acquire_owned() else {
-        metrics::counter!(m::CONNECTIONS_REFUSED, "listener" => label.clone(), "limit" => "max_pending_hellos").increment(1);
-        reject(&label);
-        debug!("too many connections still sending their first bytes; closing");
-        return;
-    };
     let mut buf = BytesMut::with_capacity(2048);
     let mut info = ConnInfo {
         client: peer,

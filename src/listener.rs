@@ -72,6 +72,16 @@ pub async fn accept_loop(
             drop(stream);
             continue;
         };
+        // Taken here, before the connection's task exists, so that a
+        // connection counted in `portico_connections_active` always holds
+        // its pending-hello permit already (no window between the two).
+        let Ok(pending) = shared.pending_hellos.clone().try_acquire_owned() else {
+            metrics::counter!(m::CONNECTIONS_REFUSED, "listener" => label.clone(), "limit" => "max_pending_hellos").increment(1);
+            conn::reject(&label);
+            debug!(listener = %label, %peer, "too many connections still sending their first bytes; closing");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let shared2 = shared.clone();
         let label2 = label.clone();
@@ -80,7 +90,7 @@ pub async fn accept_loop(
         shared.life.tasks.spawn(
             async move {
                 let slot = ConnSlot::new(permit, gauge);
-                conn::handle(stream, peer, addr, label2, shared2, slot).await;
+                conn::handle(stream, peer, addr, label2, shared2, slot, pending).await;
             }
             .instrument(span),
         );

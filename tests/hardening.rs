@@ -445,9 +445,10 @@ async fn max_pending_hellos_refuses_the_next_silent_connection() {
         let (_up, addr, p) =
             start_site("[limits]\nmax_pending_hellos = 3\n[timeouts]\nclient_hello = \"20s\"")
                 .await;
-        let (mut held, _) = hold_silent(&p, addr, 3).await;
-        // The gauge moves before the pending permit is taken.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Counted as active means holding a pending-hello permit: portico
+        // takes the permit before the connection is counted.
+        let (mut held, active) = hold_silent(&p, addr, 3).await;
+        assert_eq!(active, 3.0);
 
         let refused = one_more_is_refused(&p, addr, "max_pending_hellos").await;
         assert_eq!(refused, 1.0);
