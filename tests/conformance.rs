@@ -665,10 +665,29 @@ fn other_ca_connector() -> tokio_rustls::TlsConnector {
 
 /// `curl --http2` uploading `size` bytes; returns (exit code, status, stderr).
 fn curl_upload(listen: SocketAddr, path: &str, size: usize) -> (i32, String, String) {
+    curl_upload_as(listen, path, size, false)
+}
+
+/// [`curl_upload`]; `from_stdin` streams the body from stdin (`-T -`), so the
+/// request declares no length and the limit cuts it while it streams.
+fn curl_upload_as(
+    listen: SocketAddr,
+    path: &str,
+    size: usize,
+    from_stdin: bool,
+) -> (i32, String, String) {
     let dir = common::TempDir::new();
     let file = dir.path().join("upload.bin");
     std::fs::write(&file, common::pseudo_random(size, 7)).expect("write upload");
-    let out = std::process::Command::new("curl")
+    let mut cmd = std::process::Command::new("curl");
+    if from_stdin {
+        cmd.arg("-T")
+            .arg("-")
+            .stdin(std::fs::File::open(&file).expect("open upload"));
+    } else {
+        cmd.arg("--data-binary").arg(format!("@{}", file.display()));
+    }
+    let out = cmd
         .args([
             "--http2",
             "-sS",
@@ -682,8 +701,6 @@ fn curl_upload(listen: SocketAddr, path: &str, size: usize) -> (i32, String, Str
         ])
         .arg("--resolve")
         .arg(format!("api.test:{}:127.0.0.1", listen.port()))
-        .arg("--data-binary")
-        .arg(format!("@{}", file.display()))
         .arg(format!("https://api.test:{}{path}", listen.port()))
         .output()
         .expect("run curl (installed by scripts/test-all)");
@@ -753,6 +770,30 @@ url = "http://{addr}"
                 .expect("curl");
         assert_eq!((code, status.as_str()), (0, "401"), "curl: {err}");
         task.abort();
+    })
+    .await;
+}
+
+/// curl (nghttp2) uploading more than `max_body` over h2 sees portico's
+/// 413 and exits cleanly, with or without a Content-Length up front.
+#[tokio::test]
+async fn h2_upload_over_max_body_shows_curl_the_413() {
+    bounded(60, async {
+        // The recording upstream reads whole bodies: only the limit answers.
+        let (_p, listen, _up) = recorded_site(r#"max_body = "1MiB""#).await;
+        for from_stdin in [false, true] {
+            let (code, status, err) = tokio::task::spawn_blocking(move || {
+                curl_upload_as(listen, "/v1/responses", 2 << 20, from_stdin)
+            })
+            .await
+            .expect("curl");
+            assert_eq!(
+                (code, status.as_str()),
+                (0, "413"),
+                "curl (length declared: {}): {err}",
+                !from_stdin
+            );
+        }
     })
     .await;
 }

@@ -49,6 +49,42 @@ impl RequestProgress {
     }
 }
 
+/// How much of an h2 request body that portico answered early (413, 421,
+/// an upstream's 401) is still read and thrown away after the response.
+const DISCARD_LIMIT: u64 = 16 << 20;
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Read and drop the rest of an h2 request body whose response has been
+/// sent, up to [`DISCARD_LIMIT`] bytes or [`DISCARD_TIME`], then let it go
+/// (RST_STREAM(NO_ERROR) if the client is still sending). A client that is
+/// mid-upload when the stream is reset may report the reset instead of the
+/// answer: curl 7.88 (nghttp2) exits with "(92) Stream error in the HTTP/2
+/// framing layer" and never shows the 413. nginx reads and discards the
+/// body the same way. Reading releases flow-control credit, so the client
+/// can finish.
+fn discard(mut body: hyper::body::Incoming) {
+    use http_body::Body as _;
+    use http_body_util::BodyExt as _;
+    if body.is_end_stream() {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let mut read = 0u64;
+        let _ = tokio::time::timeout(DISCARD_TIME, async {
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if read > DISCARD_LIMIT {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+}
+
 /// Kinds of HTTP streams, for `portico_http_streams_active` and durations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamKind {
@@ -210,8 +246,13 @@ fn status_label(status: u16) -> metrics::SharedString {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        // The response has ended: the request body may go now.
-        drop(self.request.take_parked());
+        // The response has ended: the request body may go now. An h2
+        // client still uploading is let finish (bounded), see `discard`.
+        if let Some(body) = self.request.take_parked() {
+            if self.protocol == "h2" {
+                discard(body);
+            }
+        }
         let elapsed = self.started.elapsed();
         if self.status == 0 {
             // Dropped before any response head: the client went away (connection
