@@ -23,6 +23,7 @@ pub const HTTP_BODY_BYTES: &str = "portico_http_body_bytes_total";
 pub const SSE_EVENTS: &str = "portico_sse_events_total";
 pub const WEBSOCKET_MESSAGES: &str = "portico_websocket_messages_total";
 pub const UPSTREAM_FAILURES: &str = "portico_upstream_failures_total";
+pub const UPSTREAM_CONNECTIONS: &str = "portico_upstream_connections";
 pub const CONFIG_RELOADS: &str = "portico_config_reloads_total";
 pub const CONNECTIONS_ACTIVE: &str = "portico_connections_active";
 pub const CONNECTIONS_REFUSED: &str = "portico_connections_refused_total";
@@ -122,6 +123,10 @@ fn describe() {
     describe_counter!(
         UPSTREAM_FAILURES,
         "Failed upstream requests by reason (refused|timeout|reset|protocol)."
+    );
+    describe_gauge!(
+        UPSTREAM_CONNECTIONS,
+        "Open pooled connections to each upstream, idle or carrying a request (WebSocket connections are not pooled and not counted)."
     );
     describe_counter!(CONFIG_RELOADS, "Config reloads by result (ok|error).");
     describe_gauge!(CONNECTIONS_ACTIVE, "Open client connections per listener.");
@@ -281,6 +286,7 @@ pub fn preregister(cfg: &crate::config::Config) {
         }
     }
     for name in cfg.upstreams.keys() {
+        gauge!(UPSTREAM_CONNECTIONS, "upstream" => name.clone()).increment(0.0);
         for reason in UPSTREAM_REASONS {
             counter!(UPSTREAM_FAILURES, "upstream" => name.clone(), "reason" => reason)
                 .increment(0);

@@ -110,33 +110,47 @@ mod fixture {
     /// stream whose first event is sent at once and which then stays open
     /// until portico closes it.
     async fn serve_sse(mut s: TcpStream) {
-        let mut head = Vec::new();
         let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
+        // Requests one after the other on this connection (keep-alive).
+        loop {
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+                if head.len() > 16 * 1024 {
+                    return;
+                }
             }
-            if head.len() > 16 * 1024 {
+            let text = String::from_utf8_lossy(&head);
+            if text.starts_with("GET /busy") {
+                let _ = s
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n")
+                    .await;
                 return;
             }
-        }
-        let text = String::from_utf8_lossy(&head);
-        if text.starts_with("GET /busy") {
-            let _ = s
-                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n")
-                .await;
-            return;
-        }
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
-            .await;
-        let _ = s.write_all(b"10\r\ndata: hello #1\n\n\r\n").await;
-        // Hold the stream until the other side closes it.
-        while let Ok(n) = s.read(&mut buf).await {
-            if n == 0 {
-                break;
+            if text.starts_with("GET /events/once") {
+                // A complete answer; the connection stays open for the next.
+                if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
             }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await;
+            let _ = s.write_all(b"10\r\ndata: hello #1\n\n\r\n").await;
+            // Hold the stream until the other side closes it.
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            return;
         }
     }
 
@@ -375,7 +389,8 @@ async fn status_json_shows_config_routes_and_certificate() {
             .filter_map(|u| u["name"].as_str())
             .collect();
         assert_eq!(ups, ["down", "sse", "ws"]);
-        assert!(doc["upstreams"][0]["idle_connections"].is_null());
+        assert_eq!(doc["upstreams"][1]["connections"], 0);
+        assert_eq!(doc["upstreams"][1]["idle_connections"], 0);
         // No private key anywhere: only the certificate's path.
         let text = doc.to_string();
         assert!(
@@ -422,6 +437,59 @@ async fn active_streams_are_exact_while_open_and_zero_after() {
             active(d, "api", "events", "sse") == 0 && active(d, "api", "ws", "websocket") == 0
         })
         .await;
+    })
+    .await;
+}
+
+/// `upstreams[].connections` and `idle_connections` follow the pool: a
+/// finished keep-alive request leaves one idle connection, a stream reuses
+/// it (open, not idle), and a stream the client dropped closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_pool_connections_and_idle_ones() {
+    bounded(30, async {
+        let (p, _o, listen, _dir) = start(&[]).await;
+        let sse = |d: &Value| d["upstreams"][1].clone();
+        let doc = status_json(&p, "").await;
+        assert_eq!(sse(&doc)["name"], "sse");
+        assert_eq!(
+            (
+                sse(&doc)["connections"].as_u64(),
+                sse(&doc)["idle_connections"].as_u64()
+            ),
+            (Some(0), Some(0))
+        );
+
+        let mut s = open_raw(listen, "/events/once").await;
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let doc = wait_status(&p, "one idle pooled connection", |d| {
+            sse(d)["connections"] == 1 && sse(d)["idle_connections"] == 1
+        })
+        .await;
+        let metrics = p.metrics_text().await;
+        assert_eq!(
+            metric_value(
+                &metrics,
+                "portico_upstream_connections",
+                &[("upstream", "sse")]
+            ),
+            1.0,
+            "/metrics and /status.json disagree: {doc:#}"
+        );
+
+        let stream = open_sse(listen).await;
+        wait_status(&p, "the stream on the pooled connection", |d| {
+            active(d, "api", "events", "sse") == 1
+                && sse(d)["connections"] == 1
+                && sse(d)["idle_connections"] == 0
+        })
+        .await;
+        drop(stream);
+        wait_status(&p, "the dropped stream's connection closed", |d| {
+            sse(d)["connections"] == 0 && sse(d)["idle_connections"] == 0
+        })
+        .await;
+        drop(s);
     })
     .await;
 }

@@ -16,6 +16,7 @@ use super::body::RequestBody;
 use super::error::ProxyError;
 use crate::config::{Address, Upstream, UpstreamProtocol};
 use crate::dial::{self, DialError};
+use crate::metrics::GaugeGuard;
 
 /// Connects every request of one upstream to its configured address (TCP
 /// or Unix); the request URI only keys the pool.
@@ -23,6 +24,61 @@ use crate::dial::{self, DialError};
 pub struct Connector {
     addr: Arc<Address>,
     timeout: Duration,
+    /// `portico_upstream_connections`: the pool's open connections.
+    open: metrics::Gauge,
+}
+
+/// A pooled upstream connection, counted in `portico_upstream_connections`
+/// for as long as the pool keeps it (hyper-util's pool exposes no count).
+pub struct PooledIo {
+    io: TokioIo<dial::Stream>,
+    _open: GaugeGuard,
+}
+
+impl hyper::rt::Read for PooledIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for PooledIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for PooledIo {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.inner().connected()
+    }
 }
 
 impl Connector {
@@ -43,10 +99,10 @@ impl hyper_util::client::legacy::connect::Connection for dial::Stream {
     }
 }
 
-type ConnectFuture = Pin<Box<dyn Future<Output = Result<TokioIo<dial::Stream>, DialError>> + Send>>;
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<PooledIo, DialError>> + Send>>;
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<dial::Stream>;
+    type Response = PooledIo;
     type Error = DialError;
     type Future = ConnectFuture;
 
@@ -56,7 +112,13 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, _: Uri) -> Self::Future {
         let c = self.clone();
-        Box::pin(async move { c.connect().await })
+        Box::pin(async move {
+            let io = c.connect().await?;
+            Ok(PooledIo {
+                io,
+                _open: GaugeGuard::new(c.open),
+            })
+        })
     }
 }
 
@@ -91,6 +153,8 @@ impl UpstreamClient {
         let connector = Connector {
             addr: Arc::new(config.addr.clone()),
             timeout: connect_timeout,
+            open: metrics::gauge!(crate::metrics::UPSTREAM_CONNECTIONS,
+                "upstream" => config.name.clone()),
         };
         let pool = b.build(connector.clone());
         UpstreamClient {

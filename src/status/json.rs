@@ -127,8 +127,11 @@ pub struct UpstreamDoc {
     pub url: String,
     pub protocol: &'static str,
     pub keepalive: usize,
-    /// Idle pooled connections: hyper-util's pool does not expose its
-    /// size, so this is always `null` (see the README).
+    /// Open pooled connections (`portico_upstream_connections`).
+    pub connections: u64,
+    /// The open ones not carrying a request: `connections` less the HTTP
+    /// and SSE responses open on the locations that use this upstream (for
+    /// h2c, whose requests share a connection, less one while any is open).
     pub idle_connections: Option<u64>,
     pub failures_total: u64,
 }
@@ -235,7 +238,8 @@ pub fn build(
                     UpstreamProtocol::H2c => "h2c",
                 },
                 keepalive: u.keepalive,
-                idle_connections: None,
+                connections: count(snap.sum(m::UPSTREAM_CONNECTIONS, &[("upstream", &u.name)])),
+                idle_connections: Some(idle_connections(snap, cfg, u)),
                 failures_total: count(snap.sum(m::UPSTREAM_FAILURES, &[("upstream", &u.name)])),
             })
             .collect(),
@@ -251,6 +255,34 @@ pub fn build(
             })
             .collect(),
     }
+}
+
+/// Pooled connections of `u` that carry no request right now.
+fn idle_connections(
+    snap: &Snapshot,
+    cfg: &crate::config::Config,
+    u: &crate::config::Upstream,
+) -> u64 {
+    let open = snap.sum(m::UPSTREAM_CONNECTIONS, &[("upstream", &u.name)]);
+    let mut busy = 0.0;
+    for (site, s) in &cfg.sites {
+        for l in &s.locations {
+            if matches!(&l.target, Target::Upstream(t) if t.name == u.name) {
+                for kind in ["http", "sse"] {
+                    let want = [
+                        ("site", site.as_str()),
+                        ("location", l.name.as_str()),
+                        ("kind", kind),
+                    ];
+                    busy += snap.sum(m::HTTP_STREAMS_ACTIVE, &want);
+                }
+            }
+        }
+    }
+    if u.protocol == UpstreamProtocol::H2c {
+        busy = busy.min(1.0);
+    }
+    count((open - busy).max(0.0))
 }
 
 fn location(snap: &Snapshot, site: &str, l: &crate::config::Location) -> LocationDoc {
