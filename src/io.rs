@@ -163,16 +163,31 @@ impl<S: AsyncRead> AsyncRead for Metered<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
-        let before = buf.filled().len();
-        let r = this.inner.poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
+        poll_read_seen(this.inner, cx, buf, |new| {
+            let n = new.len() as u64;
             this.counter.increment(n);
             *this.total += n;
             this.activity.touch();
-        }
-        r
+        })
     }
+}
+
+/// Poll `inner` into `buf` and show `seen` the bytes this read added (it is
+/// not called when there are none): the one place the metering readers
+/// look at what passes through them.
+pub fn poll_read_seen<S: AsyncRead>(
+    inner: Pin<&mut S>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+    seen: impl FnOnce(&[u8]),
+) -> Poll<io::Result<()>> {
+    let before = buf.filled().len();
+    let r = inner.poll_read(cx, buf);
+    let new = &buf.filled()[before..];
+    if !new.is_empty() {
+        seen(new);
+    }
+    r
 }
 
 impl<S: AsyncWrite> AsyncWrite for Metered<S> {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
@@ -41,6 +41,15 @@ pub async fn accept_failed(listener: &str, e: &std::io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
+/// Close a connection at accept because `limit` is reached, and count it.
+fn refuse(stream: TcpStream, label: &Arc<str>, peer: SocketAddr, limit: &'static str) {
+    metrics::counter!(m::CONNECTIONS_REFUSED, "listener" => label.clone(), "limit" => limit)
+        .increment(1);
+    conn::reject(label);
+    debug!(listener = %label, %peer, limit, "connection limit reached; closing");
+    drop(stream);
+}
+
 /// Accept until shutdown. The listener's settings come from the generation
 /// current at each accept, looked up by address.
 pub async fn accept_loop(
@@ -66,20 +75,14 @@ pub async fn accept_loop(
             }
         };
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-            metrics::counter!(m::CONNECTIONS_REFUSED, "listener" => label.clone(), "limit" => "max_connections").increment(1);
-            conn::reject(&label);
-            debug!(listener = %label, %peer, "max_connections reached; closing");
-            drop(stream);
+            refuse(stream, &label, peer, "max_connections");
             continue;
         };
         // Taken here, before the connection's task exists, so that a
         // connection counted in `portico_connections_active` always holds
         // its pending-hello permit already (no window between the two).
         let Ok(pending) = shared.pending_hellos.clone().try_acquire_owned() else {
-            metrics::counter!(m::CONNECTIONS_REFUSED, "listener" => label.clone(), "limit" => "max_pending_hellos").increment(1);
-            conn::reject(&label);
-            debug!(listener = %label, %peer, "too many connections still sending their first bytes; closing");
-            drop(stream);
+            refuse(stream, &label, peer, "max_pending_hellos");
             continue;
         };
         let _ = stream.set_nodelay(true);

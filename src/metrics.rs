@@ -141,6 +141,28 @@ fn describe() {
     );
 }
 
+/// Set `portico_certificate_expiry_timestamp_seconds{site,source}` to
+/// `not_after` (Unix seconds). When the site served a certificate from
+/// another source before (a file, then ACME; self-signed, then ACME), that
+/// series reads NaN from now on: the exporter cannot drop a series, and
+/// NaN never fires an expiry alert.
+pub fn set_certificate_expiry(site: &str, source: &'static str, not_after: f64) {
+    static LAST: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<String, &'static str>>,
+    > = std::sync::LazyLock::new(Default::default);
+    if let Ok(mut last) = LAST.lock() {
+        match last.insert(site.to_string(), source) {
+            Some(old) if old != source => {
+                metrics::gauge!(CERTIFICATE_EXPIRY, "site" => site.to_string(), "source" => old)
+                    .set(f64::NAN);
+            }
+            _ => {}
+        }
+    }
+    metrics::gauge!(CERTIFICATE_EXPIRY, "site" => site.to_string(), "source" => source)
+        .set(not_after);
+}
+
 /// Increments a gauge now and decrements it when dropped, whichever way the
 /// owner ends (return, error, panic, cancellation).
 #[must_use]

@@ -150,8 +150,7 @@ fn publish_expiry(site: &Site, pair: &CertifiedKey, source: crate::acme::Source)
         let secs = not_after
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        metrics::gauge!(crate::metrics::CERTIFICATE_EXPIRY, "site" => site.name.clone(), "source" => source.as_str())
-            .set(secs);
+        crate::metrics::set_certificate_expiry(&site.name, source.as_str(), secs);
     }
 }
 

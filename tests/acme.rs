@@ -491,11 +491,15 @@ async fn http01_issues_on_the_redirect_route() {
             "[[listen]]\naddr = \"{plain}\"\n\n[[route]]\nprotocol = \"http\"\nredirect = \"https\"\n"
         );
         let config = acme_config(listen, &pebble, storage.path(), "http-01", origin, &extra);
-        // Started self-signed; SIGHUP switches the site to ACME.
-        let portico = Portico::start(&config.replace("cert = \"acme\"", "cert = \"self-signed\"")).await;
+        // Started with a certificate file; SIGHUP switches the site to ACME
+        // (a temporary self-signed certificate until the first is issued).
+        let (cert, key) = openssl_cert(storage.path(), "file", 30);
+        let from_file = format!("cert = \"{}\"\nkey = \"{}\"", cert.display(), key.display());
+        let portico = Portico::start(&config.replace("cert = \"acme\"", &from_file)).await;
         let listen = portico.addr();
+        let file = &[("site", "api"), ("source", "file")];
         let self_signed = &[("site", "api"), ("source", "self-signed")];
-        assert!(portico.metric("portico_certificate_expiry_timestamp_seconds", self_signed).await > 0.0);
+        assert!(portico.metric("portico_certificate_expiry_timestamp_seconds", file).await > 0.0);
         assert_eq!(portico.metric("portico_acme_orders_total", API).await, 0.0);
         portico.rewrite_config(&config);
         portico.signal("HUP");
@@ -506,10 +510,53 @@ async fn http01_issues_on_the_redirect_route() {
         let (status, _) = http_get(plain, "/.well-known/acme-challenge/unknown").await.unwrap();
         assert_eq!(status, 308, "unknown tokens are redirected like any path");
         assert_eq!(portico.metric("portico_acme_orders_total", API_ERR).await, 0.0);
-        // The superseded self-signed series reads NaN (never alerts).
-        assert!(portico.metric("portico_certificate_expiry_timestamp_seconds", self_signed).await.is_nan());
+        // The superseded file and temporary self-signed series read NaN
+        // (never alert); the acme one holds the issued certificate's date.
+        for superseded in [file, self_signed] {
+            let v = portico.metric("portico_certificate_expiry_timestamp_seconds", superseded).await;
+            assert!(v.is_nan(), "{superseded:?} reads {v}, not NaN");
+        }
+        let acme = &[("site", "api"), ("source", "acme")];
+        assert!(portico.metric("portico_certificate_expiry_timestamp_seconds", acme).await > 0.0);
     })
     .await;
+}
+
+/// A P-256 certificate for `api.test` valid for `days`, made by openssl:
+/// `DIR/NAME.crt` and `DIR/NAME.key`.
+fn openssl_cert(dir: &Path, name: &str, days: u32) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args([
+            "-days",
+            &days.to_string(),
+            "-subj",
+            "/CN=api.test",
+            "-addext",
+            "subjectAltName=DNS:api.test",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed by scripts/test-all");
+    assert!(status.success(), "openssl req failed");
+    (cert, key)
 }
 
 /// A certificate file that expires within 14 days: `portico check` and
@@ -519,19 +566,7 @@ async fn http01_issues_on_the_redirect_route() {
 async fn file_certificate_expiring_soon_is_a_warning() {
     bounded(30, async {
         let dir = TempDir::new();
-        let (cert, key) = (dir.path().join("soon.crt"), dir.path().join("soon.key"));
-        let status = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
-            .args(["-days", "5", "-subj", "/CN=api.test", "-addext", "subjectAltName=DNS:api.test"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("openssl is installed by scripts/test-all");
-        assert!(status.success());
+        let (cert, key) = openssl_cert(dir.path(), "soon", 5);
         let listen = any_port();
         let config = format!(
             "[[listen]]\naddr = \"{listen}\"\n\n[[route]]\nsni = [\"api.test\"]\nterminate = \"api\"\n\n[site.api]\ncert = \"{}\"\nkey = \"{}\"\n\n[[site.api.location]]\npath = \"/\"\nrespond = {{ status = 200 }}\n",

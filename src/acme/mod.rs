@@ -54,8 +54,6 @@ pub struct Slot {
     served: ArcSwap<Served>,
     /// Consecutive failed orders and when the next may start.
     retry: Mutex<(u32, Option<Instant>)>,
-    /// The `source` label last published for this site's expiry metric.
-    published: Mutex<Option<Source>>,
 }
 
 impl Slot {
@@ -66,30 +64,12 @@ impl Slot {
 
     fn install(&self, served: Served) {
         let served = Arc::new(served);
-        publish_expiry(&self.site, &served, &self.published);
+        m::set_certificate_expiry(&self.site, served.source.as_str(), served.expiry_seconds());
         self.served.store(served);
     }
 }
 
 static SLOTS: LazyLock<Mutex<HashMap<String, Arc<Slot>>>> = LazyLock::new(Default::default);
-
-/// Set `portico_certificate_expiry_timestamp_seconds{site,source}`. When the
-/// source changes (self-signed -> acme), the old series reads NaN: the
-/// exporter cannot drop a series, and NaN never fires an expiry alert.
-pub fn publish_expiry(site: &str, served: &Served, published: &Mutex<Option<Source>>) {
-    let Ok(mut last) = published.lock() else {
-        return;
-    };
-    if let Some(old) = *last {
-        if old != served.source {
-            metrics::gauge!(m::CERTIFICATE_EXPIRY, "site" => site.to_string(), "source" => old.as_str())
-                .set(f64::NAN);
-        }
-    }
-    metrics::gauge!(m::CERTIFICATE_EXPIRY, "site" => site.to_string(), "source" => served.source.as_str())
-        .set(served.expiry_seconds());
-    *last = Some(served.source);
-}
 
 /// The exact names an acme site's certificate is issued for.
 pub fn exact_names(site: &Site) -> Vec<String> {
@@ -123,13 +103,11 @@ pub fn slot(site: &Site, acme: &Acme) -> Result<Arc<Slot>, String> {
             cert::self_signed(&names)?
         }
     };
-    let published = Mutex::new(None);
-    publish_expiry(&site.name, &served, &published);
+    m::set_certificate_expiry(&site.name, served.source.as_str(), served.expiry_seconds());
     let slot = Arc::new(Slot {
         site: site.name.clone(),
         served: ArcSwap::from_pointee(served),
         retry: Mutex::new((0, None)),
-        published,
     });
     slots.insert(site.name.clone(), slot.clone());
     Ok(slot)

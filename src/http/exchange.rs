@@ -273,32 +273,11 @@ impl Drop for Exchange {
         let first_byte_ms = self
             .first_byte
             .map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0);
-        if let Some(ws) = self.websocket {
-            let round = |v: f64| (v * 10.0).round() / 10.0;
-            tracing::info!(
-                target: "portico::access",
-                kind = "http",
-                site = %self.metrics.site,
-                location = %self.metrics.location,
-                method = self.method,
-                path = %self.path,
-                status = self.status,
-                protocol = self.protocol,
-                stream = self.kind.as_str(),
-                bytes_in = self.request.bytes.load(Ordering::Relaxed),
-                bytes_out = self.response_bytes,
-                ws_messages_in = ws.messages_in,
-                ws_messages_out = ws.messages_out,
-                ws_turns = ws.turns.map_or(0, |t| t.turns),
-                ws_response_median_ms = ws.turns.map(|t| round(t.median_ms)),
-                ws_response_max_ms = ws.turns.map(|t| round(t.max_ms)),
-                duration_ms = (elapsed.as_secs_f64() * 10_000.0).round() / 10.0,
-                client = %self.client,
-                error = self.error.as_deref(),
-                "request"
-            );
-            return;
-        }
+        let round = |v: f64| (v * 10.0).round() / 10.0;
+        // A WebSocket session's line has its message counts and turn times
+        // instead of the time to first byte (absent fields are left out).
+        let ws = self.websocket;
+        let turns = ws.and_then(|w| w.turns);
         tracing::info!(
             target: "portico::access",
             kind = "http",
@@ -311,7 +290,12 @@ impl Drop for Exchange {
             stream = self.kind.as_str(),
             bytes_in = self.request.bytes.load(Ordering::Relaxed),
             bytes_out = self.response_bytes,
-            first_byte_ms = first_byte_ms.map(|v| (v * 10.0).round() / 10.0),
+            first_byte_ms = first_byte_ms.filter(|_| ws.is_none()).map(round),
+            ws_messages_in = ws.map(|w| w.messages_in),
+            ws_messages_out = ws.map(|w| w.messages_out),
+            ws_turns = ws.map(|_| turns.map_or(0, |t| t.turns)),
+            ws_response_median_ms = turns.map(|t| round(t.median_ms)),
+            ws_response_max_ms = turns.map(|t| round(t.max_ms)),
             duration_ms = (elapsed.as_secs_f64() * 10_000.0).round() / 10.0,
             client = %self.client,
             error = self.error.as_deref(),

@@ -409,10 +409,7 @@ impl<S: AsyncRead> AsyncRead for Framed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
-        let before = buf.filled().len();
-        let r = this.inner.poll_read(cx, buf);
-        let new = &buf.filled()[before..];
-        if !new.is_empty() {
+        crate::io::poll_read_seen(this.inner, cx, buf, |new| {
             *this.bytes += new.len() as u64;
             this.bytes_counter.increment(new.len() as u64);
             let (started, finished) = (this.tracker.started, this.tracker.finished);
@@ -432,8 +429,7 @@ impl<S: AsyncRead> AsyncRead for Framed<S> {
                     _ => {}
                 }
             }
-        }
-        r
+        })
     }
 }
 
