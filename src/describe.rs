@@ -1,7 +1,24 @@
 //! The human summary `portico check` prints: listeners, then the route
 //! table and each site's locations. Reads the checked config; not part of it.
 
-use crate::config::{Action, Config, MatchKind, Target, WebSocketMode};
+use crate::config::{Action, Config, MatchKind, Route, Target, WebSocketMode};
+
+/// What a route does, as `portico check` and the status page word it.
+pub fn action(cfg: &Config, r: &Route) -> String {
+    match &r.action {
+        Action::Pass(b) => format!(
+            "pass {} -> {} (proxy {})",
+            b.name,
+            b.addr,
+            b.proxy_protocol.as_str()
+        ),
+        Action::Terminate(s) => {
+            let locs = cfg.sites.get(s).map_or(0, |s| s.locations.len());
+            format!("terminate {s} ({locs} locations)")
+        }
+        Action::Redirect => "redirect 308 https://host/path".into(),
+    }
+}
 
 /// The human summary `portico check` prints: listeners, then the route table.
 pub fn describe(cfg: &Config) -> String {
@@ -54,20 +71,10 @@ pub fn describe(cfg: &Config) -> String {
             if r.matcher.take_silent {
                 m.push("+silent".into());
             }
-            let action = match &r.action {
-                Action::Pass(b) => format!(
-                    "pass {} -> {} (proxy {})",
-                    b.name,
-                    b.addr,
-                    b.proxy_protocol.as_str()
-                ),
-                Action::Terminate(s) => {
-                    let locs = cfg.sites.get(s).map(|s| s.locations.len()).unwrap_or(0);
-                    format!("terminate {s} ({locs} locations)")
-                }
-                Action::Redirect => "redirect 308 https://host/path".into(),
-            };
-            (format!("route[{}]  {}", r.index, m.join(" ")), action)
+            (
+                format!("route[{}]  {}", r.index, m.join(" ")),
+                action(cfg, r),
+            )
         })
         .collect();
     let width = rows.iter().map(|(a, _)| a.len()).max().unwrap_or(0);

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::cert::{days_left, CertInfo};
 use super::prom::Snapshot;
 use super::Loaded;
-use crate::config::{Action, Address, Config, MatchKind, Target, UpstreamProtocol};
+use crate::config::{Address, Config, MatchKind, Target, UpstreamProtocol};
 use crate::metrics as m;
 use crate::recent_errors::RecentError;
 
@@ -364,19 +364,7 @@ fn routes(cfg: &Config) -> Vec<RouteDoc> {
                 .collect(),
             protocol: r.matcher.protocol.as_str(),
             take_silent: r.matcher.take_silent,
-            action: match &r.action {
-                Action::Pass(b) => format!(
-                    "pass {} -> {} (proxy {})",
-                    b.name,
-                    b.addr,
-                    b.proxy_protocol.as_str()
-                ),
-                Action::Terminate(s) => {
-                    let locs = cfg.sites.get(s).map_or(0, |s| s.locations.len());
-                    format!("terminate {s} ({locs} locations)")
-                }
-                Action::Redirect => "redirect 308 https://host/path".into(),
-            },
+            action: crate::describe::action(cfg, r),
         })
         .collect()
 }
