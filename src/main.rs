@@ -9,8 +9,15 @@ use clap::Parser;
 
 /// mimalloc: per-request allocations (headers, bodies, futures) cost a third
 /// of glibc malloc's time here, and freed memory returns to the OS sooner.
+#[cfg(not(feature = "count-alloc"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// `--features count-alloc` (benchmarks only): the same allocator, counted.
+#[cfg(feature = "count-alloc")]
+mod alloc_count;
+#[cfg(feature = "count-alloc")]
+#[global_allocator]
+static ALLOC: alloc_count::Counting = alloc_count::Counting;
 use portico::config::{self, Config, LogFormat};
 use portico::server;
 
@@ -152,6 +159,8 @@ fn run(cfg: Result<Config, String>) -> ExitCode {
                 );
             }
         }
+        #[cfg(feature = "count-alloc")]
+        tokio::spawn(alloc_count::report_on_sigusr1());
         server::run(generation, metrics).await
     });
     match result {

@@ -201,6 +201,59 @@ pub struct LocationMetrics {
     /// Indexed like [`STREAM_KINDS`].
     pub active: [metrics::Gauge; 3],
     pub duration: [metrics::Histogram; 3],
+    /// `portico_http_requests_total` handles, made on first use.
+    pub requests: RequestCounters,
+}
+
+/// The `portico_http_requests_total` handles of one location, kept once
+/// made: `counter!` with five labels builds a label vector and looks it up
+/// in the registry on every call (an allocation and a hash per request).
+/// Bounded: at most [`RequestCounters::MAX`] label sets are kept, the rest
+/// go through `counter!` as before.
+#[derive(Default)]
+pub struct RequestCounters {
+    known: std::sync::Mutex<Vec<RequestCounter>>,
+}
+
+struct RequestCounter {
+    method: &'static str,
+    status: u16,
+    protocol: &'static str,
+    counter: metrics::Counter,
+}
+
+impl RequestCounters {
+    pub const MAX: usize = 64;
+
+    /// Add one to the counter of (`method`, `status`, `protocol`); `make`
+    /// registers it the first time.
+    pub fn increment(
+        &self,
+        method: &'static str,
+        status: u16,
+        protocol: &'static str,
+        make: impl FnOnce() -> metrics::Counter,
+    ) {
+        let Ok(mut known) = self.known.lock() else {
+            return make().increment(1);
+        };
+        if let Some(k) = known
+            .iter()
+            .find(|k| k.status == status && k.method == method && k.protocol == protocol)
+        {
+            return k.counter.increment(1);
+        }
+        let counter = make();
+        counter.increment(1);
+        if known.len() < Self::MAX {
+            known.push(RequestCounter {
+                method,
+                status,
+                protocol,
+                counter,
+            });
+        }
+    }
 }
 
 impl LocationMetrics {
@@ -236,6 +289,7 @@ impl LocationMetrics {
             active: STREAM_KINDS.map(|k| metrics::gauge!(HTTP_STREAMS_ACTIVE, lab(("kind", k)))),
             duration: STREAM_KINDS
                 .map(|k| metrics::histogram!(HTTP_STREAM_DURATION, lab(("kind", k)))),
+            requests: RequestCounters::default(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Load clients and origins for the side-by-side benchmarks (`bench/run`).
 //! Every mode is bounded by a count and a deadline and exits by itself.
 
+mod hold;
 mod http_side;
 
 use std::time::{Duration, Instant};
@@ -65,6 +66,8 @@ enum Mode {
     Sse(http_side::SseArgs),
     /// WebSocket echo client: round-trip percentiles.
     Ws(http_side::WsArgs),
+    /// M7: hold many idle connections of one kind open.
+    Hold(hold::HoldArgs),
 }
 
 fn main() -> Result<()> {
@@ -105,6 +108,7 @@ fn main() -> Result<()> {
             Mode::FastOrigin { listen } => fast_origin(&listen).await,
             Mode::Sse(a) => http_side::sse(a).await,
             Mode::Ws(a) => http_side::ws(a).await,
+            Mode::Hold(a) => hold::hold(a).await,
         }
     })
 }

@@ -177,7 +177,11 @@ impl Exchange {
     pub fn respond(&mut self, status: u16, kind: StreamKind) {
         self.status = status;
         self.kind = kind;
-        self.count_request(status_label(status));
+        self.metrics
+            .requests
+            .increment(self.method, status, self.protocol, || {
+                self.request_counter(status_label(status))
+            });
         self._active = Some(GaugeGuard::new(self.metrics.active[kind.index()].clone()));
     }
 
@@ -191,10 +195,13 @@ impl Exchange {
     /// `portico_http_requests_total` for this request (the labels share the
     /// location's strings, so counting allocates nothing for common statuses).
     fn count_request(&self, status: metrics::SharedString) {
+        self.request_counter(status).increment(1);
+    }
+
+    fn request_counter(&self, status: metrics::SharedString) -> metrics::Counter {
         metrics::counter!(m::HTTP_REQUESTS,
             "site" => self.metrics.site.clone(), "location" => self.metrics.location.clone(),
             "method" => self.method, "status" => status, "protocol" => self.protocol)
-        .increment(1);
     }
 
     /// Keep this exchange in the status page's recent errors, if it is a

@@ -59,60 +59,78 @@ pub struct Forwarded<'a> {
 /// `X-Forwarded-Host` are replaced; `X-Forwarded-For` and `Forwarded` are
 /// appended to, so only their last element is vouched for by portico.
 pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
+    use std::fmt::Write as _;
     strip_hop_by_hop(headers);
     let client = crate::config::canonical_ip(fwd.client);
-    let ip = client.to_string();
-    if let Ok(v) = HeaderValue::from_str(fwd.host) {
+    // The client's own Host header, when it is the host, is kept as it is
+    // (no copy); h2's `:authority` becomes a new Host value.
+    let host = match headers.get(header::HOST) {
+        Some(v) if v.as_bytes() == fwd.host.as_bytes() => Some(v.clone()),
+        _ => HeaderValue::from_str(fwd.host).ok(),
+    };
+    if let Some(v) = host {
         headers.insert(header::HOST, v.clone());
         headers.insert(X_FORWARDED_HOST.clone(), v);
     }
-    // An IP address always forms a valid header value.
-    let ip_value = HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown"));
-    headers.insert(X_REAL_IP.clone(), ip_value.clone());
+    // The address and every value built from it are written into one
+    // buffer each (an IP address is at most 45 bytes, so `write!` into a
+    // String never fails and always forms a valid header value).
+    let mut ip = String::with_capacity(48);
+    let _ = write!(ip, "{client}");
+    let ip_value = header_value(ip.clone());
+    headers.insert(X_REAL_IP.clone(), ip_value);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
 
-    let prior: Vec<String> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_string)
-        .collect();
-    let xff = if prior.is_empty() {
-        ip_value
-    } else {
-        HeaderValue::from_str(&format!("{}, {ip}", prior.join(", "))).unwrap_or(ip_value)
-    };
+    let xff = joined(headers, &X_FORWARDED_FOR, &ip);
     headers.insert(X_FORWARDED_FOR.clone(), xff);
 
     // RFC 7239: IPv6 nodes are quoted and bracketed.
-    let node = match client {
-        IpAddr::V4(_) => ip.clone(),
-        IpAddr::V6(_) => format!("\"[{ip}]\""),
-    };
-    let host_param = if fwd
+    let mut element = String::with_capacity(40 + ip.len() + fwd.host.len());
+    match client {
+        IpAddr::V4(_) => {
+            let _ = write!(element, "for={ip}");
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(element, "for=\"[{ip}]\"");
+        }
+    }
+    element.push_str(";host=");
+    if fwd
         .host
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
     {
-        fwd.host.to_string()
+        element.push_str(fwd.host);
     } else {
-        format!("\"{}\"", fwd.host.replace('"', ""))
-    };
-    let element = format!("for={node};host={host_param};proto=https");
-    let prior: Vec<String> = headers
-        .get_all(header::FORWARDED)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_string)
-        .collect();
-    let forwarded = if prior.is_empty() {
-        element
-    } else {
-        format!("{}, {element}", prior.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        element.push('"');
+        element.extend(fwd.host.chars().filter(|c| *c != '"'));
+        element.push('"');
+    }
+    element.push_str(";proto=https");
+    if let Some(v) = join_prior(headers, &header::FORWARDED, &element) {
         headers.insert(header::FORWARDED, v);
     }
+}
+
+/// A header value that owns `s` (no copy). `s` must be visible ASCII.
+fn header_value(s: String) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
+        .unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// `name`'s values (joined with ", ") then `last`, as one value.
+fn joined(headers: &HeaderMap, name: &HeaderName, last: &str) -> HeaderValue {
+    join_prior(headers, name, last).unwrap_or_else(|| header_value(last.to_string()))
+}
+
+fn join_prior(headers: &HeaderMap, name: &HeaderName, last: &str) -> Option<HeaderValue> {
+    let mut out = String::new();
+    for prior in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+        out.push_str(prior);
+        out.push_str(", ");
+    }
+    out.push_str(last);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
 }
 
 /// Host without port, lower-cased, for matching against site names.

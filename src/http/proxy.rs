@@ -65,11 +65,11 @@ pub async fn handle(
             .map(str::to_string),
     };
     // Every answered request holds the connection's in-flight mark.
-    let exchange = |metrics: Arc<m::LocationMetrics>| {
+    let exchange = |metrics: Arc<m::LocationMetrics>, path: String| {
         let mut ex = Exchange::new(
             metrics,
             method,
-            path.clone(),
+            path,
             protocol,
             conn.client,
             started,
@@ -79,7 +79,7 @@ pub async fn handle(
         ex
     };
     let unmatched = |err: ProxyError| {
-        let mut ex = exchange(site.unmatched.clone());
+        let mut ex = exchange(site.unmatched.clone(), path.clone());
         let resp = err.answer(&mut ex);
         site.finish(resp, ex)
     };
@@ -113,7 +113,8 @@ pub async fn handle(
         return unmatched(ProxyError::NoLocation(path.clone()));
     };
     let loc = &site.locations[idx];
-    let mut ex = exchange(loc.metrics.clone());
+    // The path moves into the exchange record (one copy per request).
+    let mut ex = exchange(loc.metrics.clone(), path);
 
     let origin = req.headers().get(header::ORIGIN).cloned();
     let cors = site.config.cors.as_ref();
@@ -306,7 +307,6 @@ async fn forward(
     let (parts, ()) = req.into_parts();
     let body = progress.take_parked();
     let h2c = client.config.protocol == crate::config::UpstreamProtocol::H2c;
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     // The pool is keyed by the URI's authority; the connector ignores it and
     // dials the upstream's address. For h2c the authority becomes `:authority`.
     let uri_authority = if h2c {
@@ -314,9 +314,10 @@ async fn forward(
     } else {
         client.config.authority.as_str()
     };
-    let uri: Uri = format!("http://{uri_authority}{path}")
-        .parse()
-        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    // Built from parts: the client's path and query are reused as they are
+    // (no formatting and re-parsing of the whole target per request).
+    let uri = upstream_uri(uri_authority, parts.uri.path_and_query())
+        .ok_or(ProxyError::BadRequest("request target cannot be forwarded"))?;
     let chunked = parts.version == Version::HTTP_11
         && parts
             .headers
@@ -380,6 +381,20 @@ async fn forward(
         }
         (Err(e), _) => Err(ProxyError::from_client(&client.config.name, e, &progress)),
     }
+}
+
+/// `http://{authority}{path_and_query}` (`/` when the request had none).
+fn upstream_uri(authority: &str, path: Option<&http::uri::PathAndQuery>) -> Option<Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority.parse().ok()?);
+    parts.path_and_query = Some(match path {
+        Some(p) if p.as_str().starts_with('/') => p.clone(),
+        // Anything else (`*`, absolute forms) is checked as before: as text.
+        Some(p) => return format!("http://{authority}{p}").parse().ok(),
+        None => http::uri::PathAndQuery::from_static("/"),
+    });
+    Uri::from_parts(parts).ok()
 }
 
 /// A reused connection the upstream had closed: the request never got an answer.
