@@ -1366,10 +1366,17 @@ async fn sigterm_lets_open_streams_finish_then_exits_0() {
         );
         assert_eq!(code, 0, "GOAWAY error code (NO_ERROR expected)");
         for (proto, got, ended) in &sse_done {
+            // All 15 events and a clean end: a stream cut by the exit would
+            // end early or with an error.
             assert_eq!(got, &Ok(15), "{proto:?} SSE stream during the drain");
+            // The client reads the stream's end a moment after portico
+            // wrote it, and the exit may be seen first (by under a
+            // millisecond on a loaded machine): what must not happen is an
+            // exit well before the stream's natural end (~1.4 s).
             assert!(
-                *ended < exited,
-                "{proto:?}: the process exited before the stream ended"
+                *ended < exited + Duration::from_millis(100),
+                "{proto:?}: the process exited {:?} before the stream ended",
+                ended.saturating_sub(exited)
             );
         }
         assert_exited_0(status, Duration::from_secs(6));
