@@ -1343,10 +1343,26 @@ mod tests {
         p
     }
 
-    fn temp(tag: &str) -> PathBuf {
+    /// A scratch directory, removed when the test ends (pass or panic).
+    struct Scratch(PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp(tag: &str) -> Scratch {
         let d = std::env::temp_dir().join(format!("portico-import-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("temp dir");
-        d
+        Scratch(d)
     }
 
     const NGINX_API: &str = "http {\n  server {\n    listen 127.0.0.1:8003;\n    server_name api.example.com;\n    location / { proxy_pass http://127.0.0.1:3000; }\n  }\n}\n";
@@ -1385,7 +1401,6 @@ mod tests {
             "{:?}",
             out.notes
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -1418,7 +1433,6 @@ mod tests {
             "{:?}",
             out.notes
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -1456,7 +1470,6 @@ mod tests {
             .collect();
         assert_eq!(handled, vec![5]);
         crate::config::load_str(&out.config, "t").expect("valid");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -1475,7 +1488,6 @@ mod tests {
             cfg.backends["exact"].addr.to_string(),
             "unix:/run/exact.sock"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -1489,7 +1501,6 @@ mod tests {
         let out = import(None, Some(&n)).expect("imports");
         let cfg = crate::config::load_str(&out.config, "t").expect("valid");
         assert_eq!(cfg.upstreams["app"].addr.to_string(), "unix:/run/app.sock");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
