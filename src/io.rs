@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// `AsyncWrite` for a wrapper that only watches the read side: every write
 /// call goes to its pinned `inner` field unchanged.
@@ -224,14 +224,8 @@ where
     let b = Metered::new(b, metrics::Counter::noop(), 0, activity.clone());
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
-    let a_to_b = async move {
-        eof_is_end(tokio::io::copy(&mut ar, &mut bw).await)?;
-        bw.shutdown().await
-    };
-    let b_to_a = async move {
-        eof_is_end(tokio::io::copy(&mut br, &mut aw).await)?;
-        aw.shutdown().await
-    };
+    let a_to_b = pump::<WS_STEP, _, _>(&mut ar, &mut bw, TlsEof::Ends);
+    let b_to_a = pump::<WS_STEP, _, _>(&mut br, &mut aw, TlsEof::Ends);
     let watchdog = idle_watchdog(&activity, idle);
     tokio::pin!(a_to_b, b_to_a, watchdog);
     let a_done = tokio::select! {
@@ -259,13 +253,100 @@ where
     }
 }
 
-/// A TLS peer that closes without close_notify (most WebSocket clients do
-/// after the close handshake) has ended its stream, not failed it.
-fn eof_is_end(r: io::Result<u64>) -> io::Result<()> {
-    match r {
-        Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => Err(e),
-        _ => Ok(()),
-    }
+/// What a [`pump`] makes of a TLS peer that closed without close_notify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsEof {
+    /// The direction ended: shut the writer down and finish.
+    Ends,
+    /// Return the `UnexpectedEof` error (the caller ends the whole stream).
+    Fails,
+}
+
+/// Bytes a WebSocket [`pump`] reads per step: one TLS record's plaintext.
+pub const WS_STEP: usize = 16 * 1024;
+
+/// Copy `r` into `w` until `r` ends, then shut `w`'s write side down (the
+/// half-close passes on). With [`TlsEof::Ends`], a TLS peer that closes
+/// without close_notify (most WebSocket clients do after the close
+/// handshake) has ended its stream too; with [`TlsEof::Fails`] the pump
+/// returns that error at once. Unlike `tokio::io::copy`, which keeps an 8 KiB
+/// buffer per direction for the stream's whole life, a pump holds memory
+/// only while bytes are in flight: each read lands in a buffer on the stack
+/// of the poll that reads it and is written on at once; only what the
+/// writer cannot take yet is copied to the heap, and freed once written.
+/// An idle WebSocket or tunnel (most of them, most of the time) holds none,
+/// as HAProxy's buffers do. Hand-written because tokio's copy helpers own
+/// their buffers. `STEP` is the most one read takes (on the stack).
+pub async fn pump<const STEP: usize, R, W>(r: &mut R, w: &mut W, tls_eof: TlsEof) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut held: Vec<u8> = Vec::new();
+    let mut at = 0;
+    let mut read_done = false;
+    let mut unflushed = false;
+    std::future::poll_fn(|cx| loop {
+        // What the writer refused earlier goes first, in order.
+        while at < held.len() {
+            let n = std::task::ready!(Pin::new(&mut *w).poll_write(cx, &held[at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            at += n;
+            unflushed = true;
+        }
+        if !held.is_empty() {
+            held = Vec::new();
+            at = 0;
+        }
+        if read_done {
+            std::task::ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+            return Poll::Ready(Ok(()));
+        }
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STEP];
+        let mut step = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut *r).poll_read(cx, &mut step) {
+            Poll::Pending => {
+                // Nothing more to read for now: push out what was written.
+                if unflushed {
+                    std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                    unflushed = false;
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(Err(e))
+                if e.kind() == io::ErrorKind::UnexpectedEof && tls_eof == TlsEof::Ends =>
+            {
+                read_done = true;
+                continue;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        let data = step.filled();
+        if data.is_empty() {
+            read_done = true;
+            continue;
+        }
+        let mut off = 0;
+        while off < data.len() {
+            match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    off += n;
+                    unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // The writer is full: keep the rest until it drains.
+                    held = data[off..].to_vec();
+                    return Poll::Pending;
+                }
+            }
+        }
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -295,5 +376,106 @@ mod tests {
         let n = p.read(&mut one).await.unwrap();
         assert_eq!(&one[..n], b"ef");
         assert_eq!(p.read(&mut one).await.unwrap(), 0);
+    }
+
+    /// A writer that takes at most 7 bytes per call and refuses every other
+    /// call, so the pump must keep what it could not write, in order.
+    struct Stingy {
+        out: Vec<u8>,
+        refuse: bool,
+        shut: bool,
+    }
+
+    impl AsyncWrite for Stingy {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.refuse = !self.refuse;
+            if self.refuse {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(7);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.shut = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn pump_keeps_order_through_a_refusing_writer_and_passes_the_end_on() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut a, mut b) = tokio::io::duplex(1000);
+        let feed = data.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in feed.chunks(333) {
+                a.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut w = Stingy {
+            out: Vec::new(),
+            refuse: false,
+            shut: false,
+        };
+        pump::<64, _, _>(&mut b, &mut w, TlsEof::Fails)
+            .await
+            .unwrap();
+        writer.await.unwrap();
+        assert_eq!(w.out.len(), data.len());
+        assert!(w.out == data, "bytes reordered or changed");
+        assert!(
+            w.shut,
+            "the end of the source was not passed on as a shutdown"
+        );
+    }
+
+    /// The pump's read buffer lives on the stack of one poll, not in the
+    /// future that an open WebSocket or tunnel keeps for its whole life.
+    #[tokio::test]
+    async fn an_idle_pump_keeps_no_buffer() {
+        let (_a, mut b) = tokio::io::duplex(64);
+        let mut sink = tokio::io::sink();
+        let fut = pump::<WS_STEP, _, _>(&mut b, &mut sink, TlsEof::Ends);
+        assert!(
+            std::mem::size_of_val(&fut) < 256,
+            "pump future is {} bytes",
+            std::mem::size_of_val(&fut)
+        );
+    }
+
+    struct EofWithoutNotify;
+
+    impl AsyncRead for EofWithoutNotify {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_gone_without_close_notify_ends_the_direction() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        pump::<64, _, _>(&mut EofWithoutNotify, &mut a, TlsEof::Ends)
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let (mut a, _b) = tokio::io::duplex(64);
+        let e = pump::<64, _, _>(&mut EofWithoutNotify, &mut a, TlsEof::Fails)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -23,6 +23,8 @@ pub mod websocket;
 pub mod ws_auto;
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
@@ -82,10 +84,15 @@ pub async fn serve<I>(
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(20));
     let life = ctx.life.clone();
-    let svc = service_fn(move |req| {
+    // Boxed: hyper keeps room for the service's future for as long as the
+    // connection lives (HTTP/1.1), or in each stream's task (h2). The
+    // future is several KiB and done once the response head is out, so a
+    // box freed then costs one allocation per request and saves that room
+    // on every streaming response (SSE, long completions) while it streams.
+    let svc = service_fn(move |req| -> Pin<Box<dyn Future<Output = _> + Send>> {
         let site = site.clone();
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(req, site, ctx).await) }
+        Box::pin(async move { Ok::<_, Infallible>(proxy::handle(req, site, ctx).await) })
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
