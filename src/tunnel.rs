@@ -147,7 +147,7 @@ pub enum ClientSide<C> {
 /// reached closes the client at once, counted and logged once.
 pub async fn serve<C>(
     client: ClientSide<C>,
-    job: Job<'_>,
+    mut job: Job<'_>,
     shutdown: impl std::future::Future<Output = ()>,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -171,14 +171,18 @@ pub async fn serve<C>(
             return;
         }
     };
+    // Handed to the backend once and freed: the tunnel may stay open for hours.
+    let first = std::mem::take(&mut job.first);
     let stats = {
         let _active = crate::metrics::GaugeGuard::new(
             metrics::gauge!(m::TUNNEL_ACTIVE, "backend" => job.backend.name.clone()),
         );
         match client {
-            ClientSide::Tcp(c) if job.splice => splice_sockets(c, conn, &job, shutdown).await,
-            ClientSide::Tcp(c) => pipe_streams(c, conn, &job, shutdown).await,
-            ClientSide::Stream(c) => pipe_streams(c, conn, &job, shutdown).await,
+            ClientSide::Tcp(c) if job.splice => {
+                splice_sockets(c, conn, &job, first, shutdown).await
+            }
+            ClientSide::Tcp(c) => pipe_streams(c, conn, &job, first, shutdown).await,
+            ClientSide::Stream(c) => pipe_streams(c, conn, &job, first, shutdown).await,
         }
     };
     let secs = started.elapsed().as_secs_f64();
@@ -207,13 +211,15 @@ struct Opened {
     activity: std::sync::Arc<Activity>,
 }
 
+/// `first` is the job's PROXY header and peeked bytes, taken out of it.
 async fn open<B: AsyncWrite + Unpin>(
     backend: &mut B,
     job: &Job<'_>,
+    first: Vec<u8>,
 ) -> Result<Opened, TunnelStats> {
     let up = metrics::counter!(m::TUNNEL_BYTES, "backend" => job.backend.name.clone(), "direction" => "upstream");
     let down = metrics::counter!(m::TUNNEL_BYTES, "backend" => job.backend.name.clone(), "direction" => "downstream");
-    if let Err(e) = backend.write_all(&job.first).await {
+    if let Err(e) = backend.write_all(&first).await {
         return Err(TunnelStats {
             up: 0,
             down: 0,
@@ -221,7 +227,7 @@ async fn open<B: AsyncWrite + Unpin>(
         });
     }
     // The PROXY header is ours, not the client's: count only client bytes.
-    let client_first = job.first.len().saturating_sub(job.header_len) as u64;
+    let client_first = first.len().saturating_sub(job.header_len) as u64;
     up.increment(client_first);
     Ok(Opened {
         up,
@@ -246,12 +252,13 @@ async fn splice_sockets<B>(
     client: TcpStream,
     mut backend: B,
     job: &Job<'_>,
+    first: Vec<u8>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> TunnelStats
 where
     B: crate::splice::Socket + AsyncWrite + Unpin,
 {
-    let o = match open(&mut backend, job).await {
+    let o = match open(&mut backend, job, first).await {
         Ok(o) => o,
         Err(stats) => return stats,
     };
@@ -284,13 +291,14 @@ async fn pipe_streams<C, B>(
     client: C,
     mut backend: B,
     job: &Job<'_>,
+    first: Vec<u8>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> TunnelStats
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let o = match open(&mut backend, job).await {
+    let o = match open(&mut backend, job, first).await {
         Ok(o) => o,
         Err(stats) => return stats,
     };
