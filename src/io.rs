@@ -288,14 +288,7 @@ where
     let mut unflushed = false;
     std::future::poll_fn(|cx| loop {
         // What the writer refused earlier goes first, in order.
-        while at < held.len() {
-            let n = std::task::ready!(Pin::new(&mut *w).poll_write(cx, &held[at..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            at += n;
-            unflushed = true;
-        }
+        std::task::ready!(write_from(w, cx, &held, &mut at, &mut unflushed))?;
         if !held.is_empty() {
             held = Vec::new();
             at = 0;
@@ -330,23 +323,33 @@ where
             continue;
         }
         let mut off = 0;
-        while off < data.len() {
-            match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    off += n;
-                    unflushed = true;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    // The writer is full: keep the rest until it drains.
-                    held = data[off..].to_vec();
-                    return Poll::Pending;
-                }
-            }
+        if write_from(w, cx, data, &mut off, &mut unflushed)?.is_pending() {
+            // The writer is full: keep the rest until it drains.
+            held = data[off..].to_vec();
+            return Poll::Pending;
         }
     })
     .await
+}
+
+/// Write `data[*at..]` to `w` until all of it is written (ready) or the
+/// writer is full (pending, `*at` says how far it got).
+fn write_from<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    cx: &mut Context<'_>,
+    data: &[u8],
+    at: &mut usize,
+    unflushed: &mut bool,
+) -> Poll<io::Result<()>> {
+    while *at < data.len() {
+        let n = std::task::ready!(Pin::new(&mut *w).poll_write(cx, &data[*at..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *at += n;
+        *unflushed = true;
+    }
+    Poll::Ready(Ok(()))
 }
 
 #[cfg(test)]
