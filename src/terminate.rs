@@ -169,6 +169,7 @@ pub async fn serve(
     let verdict = Arc::new(Verdict::default());
     let ctx = Arc::new(ConnContext {
         client: info.client.ip(),
+        forwarded: crate::http::headers::ClientAddr::new(info.client.ip()),
         verdict: verdict.clone(),
         life: life.clone(),
         slot,

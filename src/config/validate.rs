@@ -541,7 +541,7 @@ fn upstream(cx: &Ctx, key: &str, name: &str, u: &RawUpstream) -> Result<Upstream
     let (addr, authority) = if u.url.starts_with("unix:") {
         (
             Address::parse(&u.url).map_err(|r| cx.err(format!("{key}.url"), r))?,
-            "localhost".to_string(),
+            http::uri::Authority::from_static("localhost"),
         )
     } else if u.url.starts_with("http://") {
         let uri: http::Uri = u
@@ -556,7 +556,10 @@ fn upstream(cx: &Ctx, key: &str, name: &str, u: &RawUpstream) -> Result<Upstream
         }
         let host = uri.host().unwrap_or_default();
         let port = uri.port_u16().unwrap_or(80);
-        let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| cx.err(format!("{key}.url"), format!("{:?} has no host", u.url)))?;
         (
             Address::parse(&format!("{host}:{port}"))
                 .map_err(|r| cx.err(format!("{key}.url"), r))?,

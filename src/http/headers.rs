@@ -1,27 +1,32 @@
 //! Which headers cross the proxy, and the ones portico adds. Pure functions.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// RFC 9110 §7.6.1 hop-by-hop headers, plus the non-standard ones proxies
-/// and old clients still send. They describe one connection, not the message.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// RFC 9110 §7.6.1 hop-by-hop headers, plus the non-standard ones proxies
+/// and old clients still send. They describe one connection, not the message.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    // Standard names compare as an enum tag; the two others by their bytes.
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
 
 /// Names listed in `Connection` headers: hop-by-hop for this message only.
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
@@ -36,19 +41,107 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 
 /// Remove hop-by-hop headers (the fixed set and those named in `Connection`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed = connection_listed(headers);
-    for name in listed {
+    // One look at each name present; most messages carry none of them, and
+    // a removal by name costs a hash and a probe even when it finds nothing.
+    let mut found: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if is_hop_by_hop(name) {
+            found.push(name.clone());
+        }
+    }
+    if found.is_empty() {
+        return;
+    }
+    if found.contains(&header::CONNECTION) {
+        found.extend(connection_listed(headers));
+    }
+    for name in found {
         headers.remove(&name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+}
+
+/// The client's address as portico forwards it, formatted once per
+/// connection rather than once per request.
+#[derive(Debug)]
+pub struct ClientAddr {
+    ip: IpAddr,
+    text: String,
+    value: HeaderValue,
+    /// The `Forwarded` element for the first Host the connection sent;
+    /// reused while it keeps sending that Host (nearly always).
+    element: OnceLock<Element>,
+}
+
+#[derive(Debug)]
+struct Element {
+    host: String,
+    text: String,
+    value: HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(client: IpAddr) -> ClientAddr {
+        let ip = crate::config::canonical_ip(client);
+        let text = ip.to_string();
+        ClientAddr {
+            ip,
+            value: header_value(text.clone()),
+            text,
+            element: OnceLock::new(),
+        }
+    }
+
+    /// RFC 7239 `for=…;host=…;proto=https` for a request to `host`.
+    fn element(&self, host: &str) -> (Cow<'_, str>, Option<HeaderValue>) {
+        if let Some(e) = self.element.get().filter(|e| e.host == host) {
+            return (Cow::Borrowed(&e.text), Some(e.value.clone()));
+        }
+        let text = self.format_element(host);
+        if self.element.get().is_some() {
+            return (Cow::Owned(text), None);
+        }
+        let e = self.element.get_or_init(|| Element {
+            host: host.to_string(),
+            value: header_value(text.clone()),
+            text,
+        });
+        (Cow::Borrowed(&e.text), Some(e.value.clone()))
+    }
+
+    fn format_element(&self, host: &str) -> String {
+        let mut element = String::with_capacity(40 + self.text.len() + host.len());
+        // RFC 7239: IPv6 nodes are quoted and bracketed.
+        match self.ip {
+            IpAddr::V4(_) => {
+                element.push_str("for=");
+                element.push_str(&self.text);
+            }
+            IpAddr::V6(_) => {
+                element.push_str("for=\"[");
+                element.push_str(&self.text);
+                element.push_str("]\"");
+            }
+        }
+        element.push_str(";host=");
+        if host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+        {
+            element.push_str(host);
+        } else {
+            element.push('"');
+            element.extend(host.chars().filter(|c| *c != '"'));
+            element.push('"');
+        }
+        element.push_str(";proto=https");
+        element
     }
 }
 
 /// What the upstream should learn about the client and the original request.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarded<'a> {
-    pub client: IpAddr,
+    pub client: &'a ClientAddr,
     /// Host as the client sent it (Host or `:authority`), port included.
     pub host: &'a str,
 }
@@ -59,9 +152,8 @@ pub struct Forwarded<'a> {
 /// `X-Forwarded-Host` are replaced; `X-Forwarded-For` and `Forwarded` are
 /// appended to, so only their last element is vouched for by portico.
 pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
-    use std::fmt::Write as _;
     strip_hop_by_hop(headers);
-    let client = crate::config::canonical_ip(fwd.client);
+    let client = fwd.client;
     // The client's own Host header, when it is the host, is kept as it is
     // (no copy); h2's `:authority` becomes a new Host value.
     let host = match headers.get(header::HOST) {
@@ -72,42 +164,16 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
         headers.insert(header::HOST, v.clone());
         headers.insert(X_FORWARDED_HOST.clone(), v);
     }
-    // The address and every value built from it are written into one
-    // buffer each (an IP address is at most 45 bytes, so `write!` into a
-    // String never fails and always forms a valid header value).
-    let mut ip = String::with_capacity(48);
-    let _ = write!(ip, "{client}");
-    let ip_value = header_value(ip.clone());
-    headers.insert(X_REAL_IP.clone(), ip_value);
+    headers.insert(X_REAL_IP.clone(), client.value.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
-
-    let xff = joined(headers, &X_FORWARDED_FOR, &ip);
+    let xff =
+        join_prior(headers, &X_FORWARDED_FOR, &client.text).unwrap_or_else(|| client.value.clone());
     headers.insert(X_FORWARDED_FOR.clone(), xff);
-
-    // RFC 7239: IPv6 nodes are quoted and bracketed.
-    let mut element = String::with_capacity(40 + ip.len() + fwd.host.len());
-    match client {
-        IpAddr::V4(_) => {
-            let _ = write!(element, "for={ip}");
-        }
-        IpAddr::V6(_) => {
-            let _ = write!(element, "for=\"[{ip}]\"");
-        }
-    }
-    element.push_str(";host=");
-    if fwd
-        .host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+    let (text, value) = client.element(fwd.host);
+    if let Some(v) = join_prior(headers, &header::FORWARDED, &text)
+        .or(value)
+        .or_else(|| HeaderValue::from_str(&text).ok())
     {
-        element.push_str(fwd.host);
-    } else {
-        element.push('"');
-        element.extend(fwd.host.chars().filter(|c| *c != '"'));
-        element.push('"');
-    }
-    element.push_str(";proto=https");
-    if let Some(v) = join_prior(headers, &header::FORWARDED, &element) {
         headers.insert(header::FORWARDED, v);
     }
 }
@@ -118,15 +184,18 @@ fn header_value(s: String) -> HeaderValue {
         .unwrap_or(HeaderValue::from_static("unknown"))
 }
 
-/// `name`'s values (joined with ", ") then `last`, as one value.
-fn joined(headers: &HeaderMap, name: &HeaderName, last: &str) -> HeaderValue {
-    join_prior(headers, name, last).unwrap_or_else(|| header_value(last.to_string()))
-}
-
+/// `name`'s values (joined with ", ") then `last`, as one value; `None`
+/// when the message has no `name` (the caller has `last` ready as a value).
 fn join_prior(headers: &HeaderMap, name: &HeaderName, last: &str) -> Option<HeaderValue> {
+    let mut prior = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .peekable();
+    prior.peek()?;
     let mut out = String::new();
-    for prior in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
-        out.push_str(prior);
+    for p in prior {
+        out.push_str(p);
         out.push_str(", ");
     }
     out.push_str(last);
@@ -181,7 +250,7 @@ mod tests {
         to_upstream(
             &mut m,
             &Forwarded {
-                client: "203.0.113.5".parse().unwrap(),
+                client: &ClientAddr::new("203.0.113.5".parse().unwrap()),
                 host: "api.example.com",
             },
         );
@@ -207,7 +276,7 @@ mod tests {
         to_upstream(
             &mut m,
             &Forwarded {
-                client: "2001:db8::7".parse().unwrap(),
+                client: &ClientAddr::new("2001:db8::7".parse().unwrap()),
                 host: "a.example:8443",
             },
         );
@@ -219,7 +288,7 @@ mod tests {
         to_upstream(
             &mut m,
             &Forwarded {
-                client: "::ffff:192.0.2.1".parse().unwrap(),
+                client: &ClientAddr::new("::ffff:192.0.2.1".parse().unwrap()),
                 host: "a",
             },
         );

@@ -1,7 +1,6 @@
 //! The request handler of terminated sites: Host check, location, CORS,
 //! direct responses, and the streaming proxy to upstreams.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -179,7 +178,7 @@ pub async fn handle(
                     &site.config,
                     &loc.metrics,
                     &authority,
-                    conn.client,
+                    &conn.forwarded,
                     progress,
                 )
                 .await
@@ -290,7 +289,7 @@ async fn forward(
     site: &Site,
     location: &crate::metrics::LocationMetrics,
     authority: &str,
-    client_ip: IpAddr,
+    client_addr: &headers::ClientAddr,
     progress: Arc<RequestProgress>,
 ) -> Result<Response<Incoming>, ProxyError> {
     if let Some(limit) = site.max_body {
@@ -310,13 +309,14 @@ async fn forward(
     // The pool is keyed by the URI's authority; the connector ignores it and
     // dials the upstream's address. For h2c the authority becomes `:authority`.
     let uri_authority = if h2c {
-        authority
+        authority.parse().ok()
     } else {
-        client.config.authority.as_str()
+        Some(client.config.authority.clone())
     };
     // Built from parts: the client's path and query are reused as they are
     // (no formatting and re-parsing of the whole target per request).
-    let uri = upstream_uri(uri_authority, parts.uri.path_and_query())
+    let uri = uri_authority
+        .and_then(|a| upstream_uri(a, parts.uri.path_and_query()))
         .ok_or(ProxyError::BadRequest("request target cannot be forwarded"))?;
     let chunked = parts.version == Version::HTTP_11
         && parts
@@ -327,7 +327,7 @@ async fn forward(
     headers::to_upstream(
         &mut headers,
         &Forwarded {
-            client: client_ip,
+            client: client_addr,
             host: authority,
         },
     );
@@ -384,16 +384,19 @@ async fn forward(
 }
 
 /// `http://{authority}{path_and_query}` (`/` when the request had none).
-fn upstream_uri(authority: &str, path: Option<&http::uri::PathAndQuery>) -> Option<Uri> {
+fn upstream_uri(
+    authority: http::uri::Authority,
+    path: Option<&http::uri::PathAndQuery>,
+) -> Option<Uri> {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority.parse().ok()?);
     parts.path_and_query = Some(match path {
         Some(p) if p.as_str().starts_with('/') => p.clone(),
         // Anything else (`*`, absolute forms) is checked as before: as text.
         Some(p) => return format!("http://{authority}{p}").parse().ok(),
         None => http::uri::PathAndQuery::from_static("/"),
     });
+    parts.authority = Some(authority);
     Uri::from_parts(parts).ok()
 }
 

@@ -132,6 +132,8 @@ impl SiteRuntime {
 /// Per-connection facts the handler needs.
 pub struct ConnContext {
     pub client: IpAddr,
+    /// The client's address as forwarding headers carry it.
+    pub forwarded: super::headers::ClientAddr,
     /// Set by the HTTP/1.x framing guard when it refused a request head.
     pub verdict: Arc<super::framing::Verdict>,
     /// Upgraded streams outlive their request: tracked for shutdown drains

@@ -114,7 +114,7 @@ pub async fn proxy(
     headers::to_upstream(
         &mut headers,
         &Forwarded {
-            client: conn_ctx.client,
+            client: &conn_ctx.forwarded,
             host: authority,
         },
     );
