@@ -1635,9 +1635,21 @@ async fn upstream_connections_are_reused_and_h2c_works() {
 
         let mut c = Client::connect(listen, Proto::H1).await;
         for i in 0..20 {
-            let resp = c.get(&format!("/ka/{i}")).await;
+            // Every third is a HEAD: its response ends with the head, so
+            // the connection goes back to the pool without a body read.
+            let method = if i % 3 == 2 {
+                Method::HEAD
+            } else {
+                Method::GET
+            };
+            let req = c
+                .req(method.clone(), &format!("/ka/{i}"))
+                .body(empty())
+                .unwrap();
+            let resp = c.send(req).await;
             assert_eq!(resp.status(), StatusCode::OK);
-            let _ = body_text(resp).await;
+            let body = body_text(resp).await;
+            assert_eq!(method == Method::HEAD, body.is_empty(), "{method} /ka/{i}");
         }
         let seen = pooled.seen();
         assert_eq!(seen.len(), 20);
@@ -1650,6 +1662,24 @@ async fn upstream_connections_are_reused_and_h2c_works() {
         assert!(
             conns <= 2,
             "20 sequential requests used {conns} upstream connections"
+        );
+        // An idle upstream connection is closed after 4 s (the pool's idle
+        // timeout), not kept for ever; none is closed much earlier.
+        let pooled_open = || p.metric("portico_upstream_connections", &[("upstream", "pooled")]);
+        let idle_since = Instant::now();
+        assert!(pooled_open().await >= 1.0, "the idle connection is counted");
+        while pooled_open().await > 0.0 {
+            assert!(
+                idle_since.elapsed() < Duration::from_secs(10),
+                "an idle upstream connection stayed open for 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let idle_for = idle_since.elapsed();
+        eprintln!("[keepalive] idle upstream connection closed after {idle_for:?}");
+        assert!(
+            idle_for >= Duration::from_millis(3500),
+            "idle upstream connection closed after {idle_for:?}, before the 4 s timeout"
         );
 
         for proto in [Proto::H1, Proto::H2] {

@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::exchange::{Exchange, RequestProgress, StreamKind};
+use super::pool::Reuse;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -209,7 +210,9 @@ impl SseCounter {
 enum Source {
     Empty,
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    /// With the ticket that hands its HTTP/1.1 connection back to the pool
+    /// once the body has ended.
+    Upstream(Incoming, Option<Reuse<RequestBody>>),
 }
 
 /// A response body towards the client.
@@ -243,7 +246,7 @@ impl ResponseBody {
 
     pub fn upstream(b: Incoming) -> Self {
         ResponseBody {
-            source: Source::Upstream(b),
+            source: Source::Upstream(b, None),
             exchange: None,
             sse: None,
             upstream_reset: None,
@@ -251,8 +254,16 @@ impl ResponseBody {
     }
 
     /// A body from an upstream: an error while it streams counts on `reset`.
-    pub fn from_upstream(b: Incoming, reset: metrics::Counter) -> Self {
+    pub fn from_upstream(
+        b: Incoming,
+        reuse: Option<Reuse<RequestBody>>,
+        reset: metrics::Counter,
+    ) -> Self {
         let mut body = ResponseBody::upstream(b);
+        body.source = match body.source {
+            Source::Upstream(b, _) => Source::Upstream(b, reuse),
+            other => other,
+        };
         body.upstream_reset = Some(reset);
         body
     }
@@ -280,7 +291,7 @@ impl Body for ResponseBody {
         let polled = match &mut this.source {
             Source::Empty => Poll::Ready(None),
             Source::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Source::Upstream(inc) => match Pin::new(inc).poll_frame(cx) {
+            Source::Upstream(inc, reuse) => match Pin::new(&mut *inc).poll_frame(cx) {
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(ex) = this.exchange.as_mut() {
                         ex.error = Some(format!("upstream body: {e}"));
@@ -290,7 +301,18 @@ impl Body for ResponseBody {
                     }
                     Poll::Ready(Some(Err(Box::new(e) as BoxError)))
                 }
-                other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+                other => {
+                    // Ended (hyper's server stops polling a body whose
+                    // end it can see): the connection may serve another.
+                    let ended = matches!(other, Poll::Ready(None))
+                        || (other.is_ready() && inc.is_end_stream());
+                    if ended {
+                        if let Some(r) = reuse.take() {
+                            r.give_back();
+                        }
+                    }
+                    other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+                }
             },
         };
         if let Poll::Ready(Some(Ok(frame))) = &polled {
@@ -315,7 +337,7 @@ impl Body for ResponseBody {
         match &self.source {
             Source::Empty => true,
             Source::Full(b) => b.is_none(),
-            Source::Upstream(i) => i.is_end_stream(),
+            Source::Upstream(i, _) => i.is_end_stream(),
         }
     }
 
@@ -323,7 +345,7 @@ impl Body for ResponseBody {
         match &self.source {
             Source::Empty => SizeHint::with_exact(0),
             Source::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Source::Upstream(i) => i.size_hint(),
+            Source::Upstream(i, _) => i.size_hint(),
         }
     }
 }

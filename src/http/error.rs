@@ -125,20 +125,20 @@ impl ProxyError {
     /// Classify a client error from the upstream pool.
     pub fn from_client(
         upstream: &str,
-        e: hyper_util::client::legacy::Error,
+        e: &(dyn std::error::Error + 'static),
         progress: &RequestProgress,
     ) -> ProxyError {
         if progress.cut() {
-            if let Some(limit) = find::<super::body::TooLarge>(&e) {
+            if let Some(limit) = find::<super::body::TooLarge>(e) {
                 return ProxyError::BodyTooLarge(limit.0);
             }
         }
-        if let Some(cf) = find::<DialError>(&e) {
+        if let Some(cf) = find::<DialError>(e) {
             return ProxyError::from_connect(upstream, cf);
         }
-        let detail = chain(&e);
+        let detail = chain(e);
         let upstream = upstream.to_string();
-        match find::<hyper::Error>(&e) {
+        match find::<hyper::Error>(e) {
             Some(h) if h.is_parse() || h.is_parse_status() => {
                 ProxyError::UpstreamProtocol { upstream, detail }
             }
@@ -147,7 +147,8 @@ impl ProxyError {
     }
 }
 
-fn find<'a, T: std::error::Error + 'static>(
+/// The first error of type `T` in `e`'s source chain, `e` included.
+pub fn find<'a, T: std::error::Error + 'static>(
     e: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a T> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);

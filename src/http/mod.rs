@@ -14,6 +14,7 @@ pub mod error;
 pub mod exchange;
 pub mod framing;
 pub mod headers;
+pub mod pool;
 pub mod proxy;
 pub mod redirect;
 pub mod router;

@@ -12,6 +12,7 @@ use super::body::{RequestBody, ResponseBody};
 use super::error::ProxyError;
 use super::exchange::{Exchange, RequestProgress, StreamKind};
 use super::headers::{self, Forwarded};
+use super::pool::Reuse;
 use super::site::{Action, ConnContext, SiteRuntime};
 use super::upstream::UpstreamClient;
 use super::websocket;
@@ -183,14 +184,16 @@ pub async fn handle(
                 )
                 .await
                 {
-                    Ok(r) => {
+                    Ok((r, reuse)) => {
                         let kind = if is_event_stream(r.headers()) {
                             StreamKind::Sse
                         } else {
                             StreamKind::Http
                         };
                         ex.respond(r.status().as_u16(), kind);
-                        r.map(|b| ResponseBody::from_upstream(b, client.body_reset_counter()))
+                        r.map(|b| {
+                            ResponseBody::from_upstream(b, reuse, client.body_reset_counter())
+                        })
                     }
                     Err(err) => {
                         client.count_failure(&err);
@@ -291,7 +294,7 @@ async fn forward(
     authority: &str,
     client_addr: &headers::ClientAddr,
     progress: Arc<RequestProgress>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<(Response<Incoming>, Option<Reuse<RequestBody>>), ProxyError> {
     if let Some(limit) = site.max_body {
         let declared = req
             .headers()
@@ -305,19 +308,19 @@ async fn forward(
     let replay = replayable(&req, &progress);
     let (parts, ()) = req.into_parts();
     let body = progress.take_parked();
-    let h2c = client.config.protocol == crate::config::UpstreamProtocol::H2c;
-    // The pool is keyed by the URI's authority; the connector ignores it and
-    // dials the upstream's address. For h2c the authority becomes `:authority`.
-    let uri_authority = if h2c {
-        authority.parse().ok()
+    let h2c = client.wants_absolute_uri();
+    // HTTP/1.1 upstreams get the origin form (the client's path and query
+    // as they are); h2c takes scheme and authority from an absolute URI,
+    // and its authority is the client's.
+    let uri = if h2c {
+        authority
+            .parse()
+            .ok()
+            .and_then(|a| upstream_uri(a, parts.uri.path_and_query()))
     } else {
-        Some(client.config.authority.clone())
-    };
-    // Built from parts: the client's path and query are reused as they are
-    // (no formatting and re-parsing of the whole target per request).
-    let uri = uri_authority
-        .and_then(|a| upstream_uri(a, parts.uri.path_and_query()))
-        .ok_or(ProxyError::BadRequest("request target cannot be forwarded"))?;
+        origin_form(parts.uri.path_and_query())
+    }
+    .ok_or(ProxyError::BadRequest("request target cannot be forwarded"))?;
     let chunked = parts.version == Version::HTTP_11
         && parts
             .headers
@@ -366,21 +369,32 @@ async fn forward(
         client.send(build(parts.method, uri, headers, body)).await,
         retry,
     ) {
-        (Ok(mut resp), _) => {
+        (Ok((mut resp, reuse)), _) => {
             headers::strip_hop_by_hop(resp.headers_mut());
-            Ok(resp)
+            Ok((resp, reuse))
         }
-        (Err(e), Some((method, uri, headers))) if is_stale_connection(&e) => {
+        (Err(e), Some((method, uri, headers))) if e.is_stale_connection() => {
             tracing::debug!(error = %e, "pooled connection closed under us; retrying once");
-            let mut resp = client
+            let (mut resp, reuse) = client
                 .send(build(method, uri, headers, RequestBody::empty()))
                 .await
-                .map_err(|e| ProxyError::from_client(&client.config.name, e, &progress))?;
+                .map_err(|e| ProxyError::from_client(&client.config.name, &e, &progress))?;
             headers::strip_hop_by_hop(resp.headers_mut());
-            Ok(resp)
+            Ok((resp, reuse))
         }
-        (Err(e), _) => Err(ProxyError::from_client(&client.config.name, e, &progress)),
+        (Err(e), _) => Err(ProxyError::from_client(&client.config.name, &e, &progress)),
     }
+}
+
+/// The origin form of a request target: its path and query (`/` when the
+/// request had none; `*` stays `*`).
+fn origin_form(path: Option<&http::uri::PathAndQuery>) -> Option<Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(
+        path.cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).ok()
 }
 
 /// `http://{authority}{path_and_query}` (`/` when the request had none).
@@ -398,19 +412,4 @@ fn upstream_uri(
     });
     parts.authority = Some(authority);
     Uri::from_parts(parts).ok()
-}
-
-/// A reused connection the upstream had closed: the request never got an answer.
-fn is_stale_connection(e: &hyper_util::client::legacy::Error) -> bool {
-    if e.is_connect() {
-        return false;
-    }
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            return h.is_incomplete_message() || h.is_canceled() || h.is_closed();
-        }
-        src = s.source();
-    }
-    false
 }
