@@ -612,15 +612,38 @@ async fn failed_validation_keeps_the_certificate_and_backs_off() {
         portico
             .wait_metric_at_least("portico_acme_orders_total", API, 1.0, ISSUE_WITHIN)
             .await;
-        let issued = served_leaf(listen, "api.test").await;
+        let mut issued = served_leaf(listen, "api.test").await;
         pebble.set_a("api.test", "127.0.0.2").await;
-        portico
-            .wait_metric_at_least("portico_acme_orders_total", API_ERR, 3.0, ISSUE_WITHIN)
-            .await;
+        // Pebble makes a new authorization only when rand.Intn(100) >
+        // PEBBLE_AUTHZREUSE, so even at 0 it reuses the first issuance's
+        // valid one for about 1 order in 100, and that renewal succeeds
+        // without a validation. When that happens the check starts over
+        // from the certificate it installed.
+        let (mut oks, mut errs) = (1.0, 0.0);
+        loop {
+            portico
+                .wait_metric_at_least(
+                    "portico_acme_orders_total",
+                    API_ERR,
+                    errs + 3.0,
+                    ISSUE_WITHIN,
+                )
+                .await;
+            let now_ok = portico.metric("portico_acme_orders_total", API).await;
+            if now_ok == oks {
+                break;
+            }
+            eprintln!("pebble reused an authorization; checking the next three failures");
+            oks = now_ok;
+            errs = portico.metric("portico_acme_orders_total", API_ERR).await;
+            issued = served_leaf(listen, "api.test").await;
+        }
         assert_eq!(served_leaf(listen, "api.test").await, issued);
-        assert_eq!(portico.metric("portico_acme_orders_total", API).await, 1.0);
+        assert_eq!(portico.metric("portico_acme_orders_total", API).await, oks);
         let log = portico.stderr();
-        let failures: Vec<&str> = log
+        // The failures since the certificate now served was issued.
+        let since = log.rfind("ACME certificate issued and in use").unwrap_or(0);
+        let failures: Vec<&str> = log[since..]
             .lines()
             .filter(|l| l.contains("ACME renewal failed"))
             .collect();
