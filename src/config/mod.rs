@@ -632,9 +632,6 @@ config_enum!(UpstreamProtocol, "an upstream protocol", r#""http1" or "h2c""#, {
 pub struct Upstream {
     pub name: String,
     pub addr: Address,
-    /// The authority of the upstream's URL, parsed once at load: it keys the
-    /// connection pool (h2c requests carry the client's `:authority`).
-    pub authority: http::uri::Authority,
     pub keepalive: usize,
     pub protocol: UpstreamProtocol,
 }

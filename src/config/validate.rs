@@ -538,11 +538,8 @@ fn covers(a: &Matcher, b: &Matcher) -> bool {
 }
 
 fn upstream(cx: &Ctx, key: &str, name: &str, u: &RawUpstream) -> Result<Upstream, ConfigError> {
-    let (addr, authority) = if u.url.starts_with("unix:") {
-        (
-            Address::parse(&u.url).map_err(|r| cx.err(format!("{key}.url"), r))?,
-            http::uri::Authority::from_static("localhost"),
-        )
+    let addr = if u.url.starts_with("unix:") {
+        Address::parse(&u.url).map_err(|r| cx.err(format!("{key}.url"), r))?
     } else if u.url.starts_with("http://") {
         let uri: http::Uri = u
             .url
@@ -556,15 +553,7 @@ fn upstream(cx: &Ctx, key: &str, name: &str, u: &RawUpstream) -> Result<Upstream
         }
         let host = uri.host().unwrap_or_default();
         let port = uri.port_u16().unwrap_or(80);
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| cx.err(format!("{key}.url"), format!("{:?} has no host", u.url)))?;
-        (
-            Address::parse(&format!("{host}:{port}"))
-                .map_err(|r| cx.err(format!("{key}.url"), r))?,
-            authority,
-        )
+        Address::parse(&format!("{host}:{port}")).map_err(|r| cx.err(format!("{key}.url"), r))?
     } else {
         return Err(cx.err(
             format!("{key}.url"),
@@ -575,7 +564,6 @@ fn upstream(cx: &Ctx, key: &str, name: &str, u: &RawUpstream) -> Result<Upstream
     Ok(Upstream {
         name: name.to_string(),
         addr,
-        authority,
         keepalive: u.keepalive.unwrap_or(32),
         protocol,
     })
