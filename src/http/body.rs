@@ -259,13 +259,12 @@ impl ResponseBody {
         reuse: Option<Reuse<RequestBody>>,
         reset: metrics::Counter,
     ) -> Self {
-        let mut body = ResponseBody::upstream(b);
-        body.source = match body.source {
-            Source::Upstream(b, _) => Source::Upstream(b, reuse),
-            other => other,
-        };
-        body.upstream_reset = Some(reset);
-        body
+        ResponseBody {
+            source: Source::Upstream(b, reuse),
+            exchange: None,
+            sse: None,
+            upstream_reset: Some(reset),
+        }
     }
 
     /// Attach the exchange: from now on bytes are counted and the access log

@@ -92,20 +92,21 @@ impl ClientAddr {
     }
 
     /// RFC 7239 `for=…;host=…;proto=https` for a request to `host`.
+    /// The kept value comes with it when `host` is the connection's first.
     fn element(&self, host: &str) -> (Cow<'_, str>, Option<HeaderValue>) {
-        if let Some(e) = self.element.get().filter(|e| e.host == host) {
-            return (Cow::Borrowed(&e.text), Some(e.value.clone()));
-        }
-        let text = self.format_element(host);
-        if self.element.get().is_some() {
-            return (Cow::Owned(text), None);
-        }
-        let e = self.element.get_or_init(|| Element {
-            host: host.to_string(),
-            value: header_value(text.clone()),
-            text,
+        let e = self.element.get_or_init(|| {
+            let text = self.format_element(host);
+            Element {
+                host: host.to_string(),
+                value: header_value(text.clone()),
+                text,
+            }
         });
-        (Cow::Borrowed(&e.text), Some(e.value.clone()))
+        if e.host == host {
+            (Cow::Borrowed(&e.text), Some(e.value.clone()))
+        } else {
+            (Cow::Owned(self.format_element(host)), None)
+        }
     }
 
     fn format_element(&self, host: &str) -> String {
@@ -293,6 +294,25 @@ mod tests {
             },
         );
         assert_eq!(m["x-real-ip"], "192.0.2.1");
+    }
+
+    #[test]
+    fn forwarded_element_per_host_on_one_connection() {
+        let client = ClientAddr::new("203.0.113.5".parse().unwrap());
+        for host in ["a.example", "b.example", "a.example"] {
+            let mut m = HeaderMap::new();
+            to_upstream(
+                &mut m,
+                &Forwarded {
+                    client: &client,
+                    host,
+                },
+            );
+            assert_eq!(
+                m["forwarded"],
+                format!("for=203.0.113.5;host={host};proto=https")
+            );
+        }
     }
 
     #[test]
