@@ -15,7 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::http_side::{dial, now_ns, Io};
+use crate::http_side::{dial, Io};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kind {
@@ -54,13 +54,9 @@ type Held = Box<dyn Io>;
 async fn open_sse(connect: &str, sni: Option<&str>) -> Result<Held> {
     let io = dial(connect, sni).await?;
     let mut rd = BufReader::new(io);
-    // Two events 10 minutes apart: the first arrives ~100 ms from now (the
-    // origin ticks at a phase of the wall clock), then the stream is idle.
-    let period_us: u128 = 600_000_000;
-    let phase_us = (now_ns() / 1000 + 100_000) % period_us;
-    let req = format!(
-        "GET /sse?n=2&interval_ms=600000&phase_us={phase_us} HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n"
-    );
+    // Two events 10 minutes apart: the first as soon as the origin has the
+    // request, then the stream is idle.
+    let req = "GET /sse?n=2&interval_ms=600000&first_ms=0 HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n";
     rd.get_mut().write_all(req.as_bytes()).await?;
     let mut line = String::new();
     loop {

@@ -40,14 +40,15 @@ pub async fn origin(listen: &str) -> Result<()> {
     }
 }
 
+fn query_param_opt(req: &Request<Incoming>, name: &str) -> Option<u64> {
+    req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+    })
+}
+
 fn query_param(req: &Request<Incoming>, name: &str, default: u64) -> u64 {
-    req.uri()
-        .query()
-        .and_then(|q| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
-        })
-        .unwrap_or(default)
+    query_param_opt(req, name).unwrap_or(default)
 }
 
 async fn serve_origin(mut req: Request<Incoming>) -> Result<Response<OriginBody>, Infallible> {
@@ -60,11 +61,18 @@ async fn serve_origin(mut req: Request<Incoming>) -> Result<Response<OriginBody>
             // that reach the origin together (handshakes queued behind each
             // other) would otherwise tick together, and the p99 would measure
             // that burst instead of the front.
-            let phase = query_param(&req, "phase_us", 0) as u128 * 1000;
-            let period = interval.as_nanos().max(1);
-            let now = now_ns();
-            let wait = (phase + period - (now % period)) % period;
-            let first = tokio::time::Instant::now() + Duration::from_nanos(wait as u64);
+            // `first_ms` instead fires the first event that long after the
+            // request arrives (M7 holds streams open: their first event must
+            // not wait for a phase a slow front has just missed).
+            let first = match query_param_opt(&req, "first_ms") {
+                Some(ms) => tokio::time::Instant::now() + Duration::from_millis(ms),
+                None => {
+                    let phase = query_param(&req, "phase_us", 0) as u128 * 1000;
+                    let period = interval.as_nanos().max(1);
+                    let wait = (phase + period - (now_ns() % period)) % period;
+                    tokio::time::Instant::now() + Duration::from_nanos(wait as u64)
+                }
+            };
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval_at(first, interval);
