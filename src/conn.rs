@@ -126,7 +126,15 @@ pub async fn handle(
     if let Some(Peeked::Tls(h)) = &peeked {
         if let Some(key) = crate::acme::tls_alpn_for(h.sni.as_deref(), &h.alpn) {
             let io = Prefixed::new(buf, stream);
-            crate::acme::answer_tls_alpn(io, key, cfg.timeouts.tls_handshake).await;
+            // Boxed, like every path below that holds a large state: this
+            // task's future is as large as its largest path, for the whole
+            // life of every connection.
+            Box::pin(crate::acme::answer_tls_alpn(
+                io,
+                key,
+                cfg.timeouts.tls_handshake,
+            ))
+            .await;
             return;
         }
     }
@@ -164,19 +172,22 @@ pub async fn handle(
                 cfg.tunnel.splice,
             );
             drop(buf);
-            tunnel::serve(
+            // Boxed (2.1 KiB) so that terminated connections do not carry
+            // the tunnel's room; a tunnel's task is that much smaller.
+            Box::pin(tunnel::serve(
                 tunnel::ClientSide::<TcpStream>::Tcp(stream),
                 job,
                 shared.life.hard_stop.cancelled(),
-            )
+            ))
             .await;
         }
         Dispatch::Terminate(site) => {
             let prefixed = Prefixed::new(buf, stream);
-            // Boxed: the TLS + HTTP state machine is several KiB; passthrough
-            // connections should not carry (and copy) that space.
+            // The handshake's state (4.3 KiB) is boxed and freed once it is
+            // done; what is served after it is a box and 160 bytes of state
+            // (see http::serve).
             let sni = hello.and_then(|h| h.sni.as_deref());
-            Box::pin(crate::terminate::serve(
+            let established = Box::pin(crate::terminate::establish(
                 prefixed,
                 site,
                 info,
@@ -185,6 +196,9 @@ pub async fn handle(
                 slot,
             ))
             .await;
+            if let Some(serving) = established {
+                serving.await;
+            }
         }
         Dispatch::Redirect => {
             let prefixed = Prefixed::new(buf, stream);

@@ -90,12 +90,10 @@ pub async fn accept_loop(
         let label2 = label.clone();
         let gauge = active_gauge.clone();
         let span = tracing::debug_span!("conn", listener = %label, %peer);
-        shared.life.tasks.spawn(
-            async move {
-                let slot = ConnSlot::new(permit, gauge);
-                conn::handle(stream, peer, addr, label2, shared2, slot, pending).await;
-            }
-            .instrument(span),
-        );
+        // Not wrapped in an `async` block: one would keep its own copy of
+        // every argument for the connection's whole life.
+        let slot = ConnSlot::new(permit, gauge);
+        let conn = conn::handle(stream, peer, addr, label2, shared2, slot, pending);
+        shared.life.tasks.spawn(conn.instrument(span));
     }
 }

@@ -49,34 +49,42 @@ impl TerminatedSite {
     }
 }
 
-/// Complete the TLS handshake on a connection routed to `site`, then serve it.
+/// Complete the TLS handshake on a connection routed to `site` and read
+/// until it is known what the client speaks. Returns the HTTP connection to
+/// run; `None` when there is nothing more to do: the handshake failed, the
+/// client stayed silent or spoke the wrong protocol, or the stream was not
+/// HTTP and went to the site's `non_http` backend here, to its end.
 /// `sni` is the name the ClientHello asked for (for the failure log).
-pub async fn serve(
+///
+/// The caller boxes this future and drops it once the handshake is done:
+/// the handshake's state is larger than what a connection needs while it
+/// is served, and a streaming response can be open for hours.
+pub async fn establish(
     io: Prefixed<TcpStream>,
     entry: &TerminatedSite,
     info: ConnInfo,
     sni: Option<&str>,
     life: &Lifecycle,
     slot: Arc<ConnSlot>,
-) {
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static + use<>> {
     let site = &*entry.name;
     let timeouts = &entry.timeouts;
     let handshake = tokio::select! {
         r = tokio::time::timeout(timeouts.tls_handshake, entry.acceptor.accept(io)) => r,
         // No request can be in progress before the handshake is done.
-        _ = life.shutdown.cancelled() => return,
+        _ = life.shutdown.cancelled() => return None,
     };
     let mut tls = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "site" => entry.name.clone()).increment(1);
             crate::tls_failures::report(site, info.client, sni, &crate::tls_failures::reason(&e));
-            return;
+            return None;
         }
         Err(_) => {
             metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "site" => entry.name.clone()).increment(1);
             crate::tls_failures::report(site, info.client, sni, "timeout");
-            return;
+            return None;
         }
     };
     let negotiated = match tls.get_ref().1.alpn_protocol() {
@@ -91,7 +99,7 @@ pub async fn serve(
         // anything else (VLESS, Trojan, ...) to the non_http backend.
         let peeked = tokio::select! {
             p = hello::peek(&mut tls, &mut first, timeouts.request_header) => p,
-            _ = life.shutdown.cancelled() => return,
+            _ = life.shutdown.cancelled() => return None,
         };
         match peeked {
             Ok(Peeked::Http) => {}
@@ -114,11 +122,11 @@ pub async fn serve(
                     life.hard_stop.cancelled(),
                 ))
                 .await;
-                return;
+                return None;
             }
             Err(e) => {
                 debug!(site, client = %info.client, error = %e, "no first bytes after the handshake; closing");
-                return;
+                return None;
             }
         }
     }
@@ -143,11 +151,11 @@ pub async fn serve(
     };
     let known = tokio::select! {
         r = tokio::time::timeout(timeouts.request_header, version_known) => matches!(r, Ok(true)),
-        _ = life.shutdown.cancelled() => return,
+        _ = life.shutdown.cancelled() => return None,
     };
     if !known {
         debug!(site, client = %info.client, "no request within request_header after the handshake; closing");
-        return;
+        return None;
     }
     // ALPN is binding: what the client negotiated is what it must speak.
     let refusal = match conformance::check_first_bytes(negotiated, &first) {
@@ -163,7 +171,7 @@ pub async fn serve(
             tls.shutdown().await
         })
         .await;
-        return;
+        return None;
     }
 
     let verdict = Arc::new(Verdict::default());
@@ -174,7 +182,7 @@ pub async fn serve(
         life: life.clone(),
         slot,
     });
-    h::serve(
+    Some(h::serve(
         Framing::new(
             Prefixed::new(first, tls),
             entry.limits.max_header_size,
@@ -187,6 +195,5 @@ pub async fn serve(
         ctx,
         entry.limits,
         entry.timeouts,
-    )
-    .await;
+    ))
 }

@@ -50,16 +50,23 @@ pub enum Negotiated {
     Unknown,
 }
 
-/// Serve HTTP on one (decrypted) connection until it ends.
-/// `ctx.life` ends it: shutdown begins a graceful close (GOAWAY / close
-/// after the current response), hard stop drops it.
-pub async fn serve<I>(
+/// Serve HTTP on one (decrypted) connection: the returned future runs it
+/// until it ends. `ctx.life` ends it: shutdown begins a graceful close
+/// (GOAWAY / close after the current response), hard stop drops it.
+///
+/// Not an `async fn`, for memory: hyper's connection (with `io` in it) is
+/// built here and boxed, and the future keeps only the box. An `async fn`
+/// would keep `io` a second time (a future keeps its arguments for its
+/// whole life) and the builder the connection borrows; measured, the
+/// future of that version was 7.7 KiB, this one's box 2.9 KiB.
+pub fn serve<I>(
     io: I,
     site: Arc<SiteRuntime>,
     ctx: Arc<ConnContext>,
     limits: Limits,
     timeouts: Timeouts,
-) where
+) -> impl Future<Output = ()> + Send + 'static
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -95,19 +102,26 @@ pub async fn serve<I>(
         let ctx = ctx.clone();
         Box::pin(async move { Ok::<_, Infallible>(proxy::handle(req, site, ctx).await) })
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = life.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = life.hard_stop.cancelled() => Ok(()),
+    // `into_owned`: the connection keeps its own copy of the builder (until
+    // it knows the version), so nothing outside the box is borrowed.
+    let mut conn = Box::pin(
+        builder
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
+            .into_owned(),
+    );
+    async move {
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = life.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = life.hard_stop.cancelled() => Ok(()),
+                }
             }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "HTTP connection ended with an error");
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
 }
