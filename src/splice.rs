@@ -83,8 +83,13 @@ pub async fn one_way<S: Socket, D: Socket>(
                     buf = Vec::with_capacity(SMALL_BUF);
                 }
                 buf.clear();
-                rustix::io::read(src.as_fd(), rustix::buffer::spare_capacity(&mut buf))
-                    .map_err(io::Error::from)
+                let read = rustix::io::read(src.as_fd(), rustix::buffer::spare_capacity(&mut buf));
+                if read == Err(rustix::io::Errno::AGAIN) {
+                    // Nothing to read yet: the wait for readiness can be
+                    // long (an idle tunnel), so do not hold 16 KiB over it.
+                    buf = Vec::new();
+                }
+                read.map_err(io::Error::from)
             })
             .await?;
         if n == 0 {
