@@ -30,6 +30,8 @@ pub struct TerminatedSite {
     pub http: Arc<SiteRuntime>,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// hyper's server settings, from `limits` and `timeouts`.
+    pub http_builder: h::Builder,
 }
 
 impl TerminatedSite {
@@ -43,6 +45,7 @@ impl TerminatedSite {
             name: http.name.clone(),
             acceptor,
             http,
+            http_builder: h::builder(&limits, &timeouts),
             timeouts,
             limits,
         }
@@ -191,9 +194,8 @@ pub async fn establish(
             negotiated != Negotiated::H2,
             timeouts.request_header,
         ),
+        &entry.http_builder,
         entry.http.clone(),
         ctx,
-        entry.limits,
-        entry.timeouts,
     ))
 }

@@ -50,25 +50,12 @@ pub enum Negotiated {
     Unknown,
 }
 
-/// Serve HTTP on one (decrypted) connection: the returned future runs it
-/// until it ends. `ctx.life` ends it: shutdown begins a graceful close
-/// (GOAWAY / close after the current response), hard stop drops it.
-///
-/// Not an `async fn`, for memory: hyper's connection (with `io` in it) is
-/// built here and boxed, and the future keeps only the box. An `async fn`
-/// would keep `io` a second time (a future keeps its arguments for its
-/// whole life) and the builder the connection borrows; measured, the
-/// future of that version was 7.7 KiB, this one's box 2.9 KiB.
-pub fn serve<I>(
-    io: I,
-    site: Arc<SiteRuntime>,
-    ctx: Arc<ConnContext>,
-    limits: Limits,
-    timeouts: Timeouts,
-) -> impl Future<Output = ()> + Send + 'static
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// hyper's HTTP/1.1 + h2 server settings for a site's connections.
+pub type Builder = auto::Builder<TokioExecutor>;
+
+/// The server settings for a site, built once per configuration
+/// generation; each connection takes its own copy (see [`serve`]).
+pub fn builder(limits: &Limits, timeouts: &Timeouts) -> Builder {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -91,6 +78,27 @@ where
         .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(20));
+    builder
+}
+
+/// Serve HTTP on one (decrypted) connection: the returned future runs it
+/// until it ends. `ctx.life` ends it: shutdown begins a graceful close
+/// (GOAWAY / close after the current response), hard stop drops it.
+///
+/// Not an `async fn`, for memory: hyper's connection (with `io` in it) is
+/// built here and boxed, and the future keeps only the box. An `async fn`
+/// would keep `io` a second time (a future keeps its arguments for its
+/// whole life) and the builder the connection borrows; measured, the
+/// future of that version was 7.7 KiB, this one's box 2.9 KiB.
+pub fn serve<I>(
+    io: I,
+    builder: &Builder,
+    site: Arc<SiteRuntime>,
+    ctx: Arc<ConnContext>,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let life = ctx.life.clone();
     // Boxed: hyper keeps room for the service's future for as long as the
     // connection lives (HTTP/1.1), or in each stream's task (h2). The
