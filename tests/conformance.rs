@@ -713,6 +713,14 @@ fn curl_upload_as(
 
 /// An upstream that answers every request with 401 without reading its body.
 async fn unauthorized_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    unauthorized_upstream_after(Duration::ZERO).await
+}
+
+/// An upstream that answers every request with a 401 at once, without
+/// reading its body; the 13-byte body follows the head after `body_after`.
+async fn unauthorized_upstream_after(
+    body_after: Duration,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -729,12 +737,17 @@ async fn unauthorized_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                     }
                 }
                 let body = "unauthorized\n";
-                let _ = s
-                    .write_all(
-                        format!("HTTP/1.1 401 Unauthorized\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
-                            .as_bytes(),
-                    )
-                    .await;
+                let head = format!(
+                    "HTTP/1.1 401 Unauthorized\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                if body_after.is_zero() {
+                    let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
+                } else {
+                    let _ = s.write_all(head.as_bytes()).await;
+                    tokio::time::sleep(body_after).await;
+                    let _ = s.write_all(body.as_bytes()).await;
+                }
                 // Keep the socket open a moment, unread, as a relay would.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             });
@@ -769,6 +782,125 @@ url = "http://{addr}"
                 .await
                 .expect("curl");
         assert_eq!((code, status.as_str()), (0, "401"), "curl: {err}");
+        task.abort();
+    })
+    .await;
+}
+
+/// What curl does on an early error status, made deterministic: the client
+/// ends its upload short of its Content-Length as soon as it sees the
+/// response head (h2 then resets the stream as malformed). The head must
+/// therefore not go out ahead of a small body the upstream is still
+/// sending: here the upstream's body follows its head by 300 ms, and the
+/// client must still get the body before any reset.
+#[tokio::test]
+async fn h2_client_ending_its_upload_at_an_early_head_still_gets_the_body() {
+    bounded(60, async {
+        let (addr, task) = unauthorized_upstream_after(Duration::from_millis(300)).await;
+        let listen = any_port();
+        let config = api_config(
+            listen,
+            "",
+            &format!(
+                "[[site.api.location]]\npath = \"/\"\nupstream = \"relay\"\n\n[upstream.relay]\nurl = \"http://{addr}\"\n"
+            ),
+        );
+        let p = Portico::start(&config).await;
+        let mut c = h2raw::Conn::tls(p.addr(), "api.test", &[b"h2"]).await;
+        c.handshake().await;
+        let fields = [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", "api.test"),
+            (":path", "/v1/responses"),
+            ("content-length", "100000"),
+        ];
+        c.send_headers(1, &fields, false).await;
+        c.send(&h2raw::frame(h2raw::DATA, 0, 1, &[b'x'; 1000])).await;
+        let (status, _) = c.response_status(1, STEP).await;
+        assert_eq!(status, 401);
+        // As curl does: stop sending, and end the stream where it is.
+        c.send(&h2raw::frame(h2raw::DATA, h2raw::END_STREAM, 1, &[])).await;
+        let mut body = Vec::new();
+        let (f, seen) = c
+            .until(STEP, |f| {
+                if f.stream == 1 && f.kind == h2raw::DATA {
+                    body.extend_from_slice(&f.payload);
+                }
+                f.stream == 1
+                    && (f.kind == h2raw::RST_STREAM
+                        || (f.kind == h2raw::DATA && f.flags & h2raw::END_STREAM != 0))
+            })
+            .await;
+        assert_eq!(
+            f.kind,
+            h2raw::DATA,
+            "stream reset (error {:?}) before the body; frames before: {seen:?}",
+            f.error_code()
+        );
+        assert_eq!(String::from_utf8_lossy(&body), "unauthorized\n");
+        task.abort();
+    })
+    .await;
+}
+
+/// The other side of reading a small body before its head: an upstream
+/// that sends a head and closes before any byte of its declared body is
+/// answered 502 on h2 (nothing was sent yet), naming the cause.
+#[tokio::test]
+async fn h2_upstream_closing_before_a_small_body_is_a_502() {
+    bounded(60, async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = vec![0u8; 8192];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 13\r\n\r\n")
+                    .await;
+                // Closed here, with none of the 13 bytes sent.
+            }
+        });
+        let listen = any_port();
+        let config = api_config(
+            listen,
+            "",
+            &format!(
+                "[[site.api.location]]\npath = \"/\"\nupstream = \"relay\"\n\n[upstream.relay]\nurl = \"http://{addr}\"\n"
+            ),
+        );
+        let p = Portico::start(&config).await;
+        let mut c = h2raw::Conn::tls(p.addr(), "api.test", &[b"h2"]).await;
+        c.handshake().await;
+        let fields = [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "api.test"),
+            (":path", "/v1/models"),
+        ];
+        c.send_headers(1, &fields, true).await;
+        let (status, _) = c.response_status(1, STEP).await;
+        assert_eq!(status, 502);
+        let mut body = Vec::new();
+        c.until(STEP, |f| {
+            if f.stream == 1 && f.kind == h2raw::DATA {
+                body.extend_from_slice(&f.payload);
+            }
+            f.stream == 1 && f.flags & h2raw::END_STREAM != 0
+        })
+        .await;
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.starts_with("upstream relay closed the connection"),
+            "{body}"
+        );
         task.abort();
     })
     .await;

@@ -223,6 +223,9 @@ pub struct ResponseBody {
     /// `portico_upstream_failures_total{reason="reset"}` of the upstream
     /// this body comes from, for a failure mid-body.
     upstream_reset: Option<metrics::Counter>,
+    /// An upstream body's first data, read before the head was sent (see
+    /// [`ResponseBody::prime`]); returned first.
+    primed: Option<Bytes>,
 }
 
 impl ResponseBody {
@@ -232,6 +235,7 @@ impl ResponseBody {
             exchange: None,
             sse: None,
             upstream_reset: None,
+            primed: None,
         }
     }
 
@@ -241,6 +245,7 @@ impl ResponseBody {
             exchange: None,
             sse: None,
             upstream_reset: None,
+            primed: None,
         }
     }
 
@@ -250,6 +255,7 @@ impl ResponseBody {
             exchange: None,
             sse: None,
             upstream_reset: None,
+            primed: None,
         }
     }
 
@@ -264,6 +270,41 @@ impl ResponseBody {
             exchange: None,
             sse: None,
             upstream_reset: Some(reset),
+            primed: None,
+        }
+    }
+
+    /// Read an upstream body's first frame now, before the response head is
+    /// handed to hyper, so that the head and the data already on its way
+    /// leave together (see `streams`: a client may act on a head alone,
+    /// and curl ends an h2 upload short when it sees an error status).
+    /// Waits for as long as the body would have (a client's reset ends the
+    /// wait). An error here comes before any byte was sent: the caller can
+    /// still answer 502. Called only for a body with a declared length, so
+    /// its first frame is data.
+    pub async fn prime(&mut self) -> Result<(), BoxError> {
+        use http_body_util::BodyExt as _;
+        let Source::Upstream(inc, reuse) = &mut self.source else {
+            return Ok(());
+        };
+        if inc.is_end_stream() {
+            return Ok(());
+        }
+        match inc.frame().await {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    return Err("trailers before the declared body".into());
+                };
+                if inc.is_end_stream() {
+                    if let Some(r) = reuse.take() {
+                        r.give_back();
+                    }
+                }
+                self.primed = Some(data);
+                Ok(())
+            }
+            Some(Err(e)) => Err(Box::new(e)),
+            None => Ok(()),
         }
     }
 
@@ -290,6 +331,9 @@ impl Body for ResponseBody {
         let polled = match &mut this.source {
             Source::Empty => Poll::Ready(None),
             Source::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Source::Upstream(_, _) if this.primed.is_some() => {
+                Poll::Ready(this.primed.take().map(|d| Ok(Frame::data(d))))
+            }
             Source::Upstream(inc, reuse) => match Pin::new(&mut *inc).poll_frame(cx) {
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(ex) = this.exchange.as_mut() {
@@ -336,7 +380,7 @@ impl Body for ResponseBody {
         match &self.source {
             Source::Empty => true,
             Source::Full(b) => b.is_none(),
-            Source::Upstream(i, _) => i.is_end_stream(),
+            Source::Upstream(i, _) => self.primed.is_none() && i.is_end_stream(),
         }
     }
 
@@ -344,7 +388,13 @@ impl Body for ResponseBody {
         match &self.source {
             Source::Empty => SizeHint::with_exact(0),
             Source::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Source::Upstream(i, _) => i.size_hint(),
+            Source::Upstream(i, _) => match &self.primed {
+                None => i.size_hint(),
+                Some(p) => match i.size_hint().exact() {
+                    Some(rest) => SizeHint::with_exact(rest + p.len() as u64),
+                    None => SizeHint::default(),
+                },
+            },
         }
     }
 }

@@ -6,7 +6,8 @@
 //! `framing`, `headers`, `router` -> `exchange` (access log + metrics) ->
 //! `body` -> `error` (error-to-response) -> `upstream` -> `site` (site and
 //! connection state) -> `websocket` -> `proxy` (the request handler) ->
-//! [`serve`]. `redirect` stands alone.
+//! `streams` (h2 streams on the connection's task) -> [`serve`].
+//! `redirect` stands alone.
 
 pub mod body;
 pub mod conformance;
@@ -19,6 +20,7 @@ pub mod proxy;
 pub mod redirect;
 pub mod router;
 pub mod site;
+pub mod streams;
 pub mod upstream;
 pub mod websocket;
 pub mod ws_auto;
@@ -29,12 +31,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::{Limits, Timeouts};
 use site::{ConnContext, SiteRuntime};
+use streams::{ConnExecutor, Streams};
 
 /// h2 receive windows: 1 MiB per stream lets one upload run at full speed on
 /// a 10 ms path; 4 MiB per connection bounds what one client can make us hold.
@@ -50,13 +53,14 @@ pub enum Negotiated {
     Unknown,
 }
 
-/// hyper's HTTP/1.1 + h2 server settings for a site's connections.
-pub type Builder = auto::Builder<TokioExecutor>;
+/// hyper's HTTP/1.1 + h2 server settings for a site's connections; h2
+/// streams run on their connection's task (see [`streams`]).
+pub type Builder = auto::Builder<ConnExecutor>;
 
 /// The server settings for a site, built once per configuration
 /// generation; each connection takes its own copy (see [`serve`]).
 pub fn builder(limits: &Limits, timeouts: &Timeouts) -> Builder {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(ConnExecutor);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -118,12 +122,13 @@ where
             .into_owned(),
     );
     async move {
+        let mut streams = Streams::default();
         let result = tokio::select! {
-            r = conn.as_mut() => r,
+            r = streams.drive(conn.as_mut()) => r,
             _ = life.shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 tokio::select! {
-                    r = conn.as_mut() => r,
+                    r = streams.drive(conn.as_mut()) => r,
                     _ = life.hard_stop.cancelled() => Ok(()),
                 }
             }

@@ -173,7 +173,8 @@ pub async fn handle(
                 ))
                 .await;
             } else {
-                match forward(
+                let h2 = req.version() == Version::HTTP_2;
+                let forwarded = match forward(
                     req,
                     &client,
                     &site.config,
@@ -185,15 +186,33 @@ pub async fn handle(
                 .await
                 {
                     Ok((r, reuse)) => {
+                        let prime = h2 && is_small(r.body());
+                        let mut r = r.map(|b| {
+                            ResponseBody::from_upstream(b, reuse, client.body_reset_counter())
+                        });
+                        // h2: a small body's data leaves with its head.
+                        if prime {
+                            r.body_mut().prime().await.map(|()| r).map_err(|e| {
+                                ProxyError::UpstreamReset {
+                                    upstream: client.config.name.clone(),
+                                    detail: format!("{e} (nothing of the body was sent yet)"),
+                                }
+                            })
+                        } else {
+                            Ok(r)
+                        }
+                    }
+                    Err(err) => Err(err),
+                };
+                match forwarded {
+                    Ok(r) => {
                         let kind = if is_event_stream(r.headers()) {
                             StreamKind::Sse
                         } else {
                             StreamKind::Http
                         };
                         ex.respond(r.status().as_u16(), kind);
-                        r.map(|b| {
-                            ResponseBody::from_upstream(b, reuse, client.body_reset_counter())
-                        })
+                        r
                     }
                     Err(err) => {
                         client.count_failure(&err);
@@ -246,6 +265,18 @@ fn check_request<B>(req: &Request<B>, max_uri: usize) -> Option<ProxyError> {
         ));
     }
     None
+}
+
+/// Bodies up to this size are read before their head is sent on h2 (see
+/// `ResponseBody::prime`): one TLS record's worth.
+const PRIME_MAX: u64 = 16 << 10;
+
+/// A body with a declared length of 1 byte to [`PRIME_MAX`].
+fn is_small(b: &Incoming) -> bool {
+    use http_body::Body as _;
+    b.size_hint()
+        .exact()
+        .is_some_and(|n| (1..=PRIME_MAX).contains(&n))
 }
 
 fn is_event_stream(h: &http::HeaderMap) -> bool {
