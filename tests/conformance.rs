@@ -787,6 +787,22 @@ url = "http://{addr}"
     .await;
 }
 
+/// portico with one site whose location forwards to the upstream at `addr`,
+/// and a raw h2 client connected to it (handshake done).
+async fn h2_to_relay(addr: SocketAddr) -> (Portico, h2raw::Conn) {
+    let config = api_config(
+        any_port(),
+        "",
+        &format!(
+            "[[site.api.location]]\npath = \"/\"\nupstream = \"relay\"\n\n[upstream.relay]\nurl = \"http://{addr}\"\n"
+        ),
+    );
+    let p = Portico::start(&config).await;
+    let mut c = h2raw::Conn::tls(p.addr(), "api.test", &[b"h2"]).await;
+    c.handshake().await;
+    (p, c)
+}
+
 /// What curl does on an early error status, made deterministic: the client
 /// ends its upload short of its Content-Length as soon as it sees the
 /// response head (h2 then resets the stream as malformed). The head must
@@ -797,17 +813,7 @@ url = "http://{addr}"
 async fn h2_client_ending_its_upload_at_an_early_head_still_gets_the_body() {
     bounded(60, async {
         let (addr, task) = unauthorized_upstream_after(Duration::from_millis(300)).await;
-        let listen = any_port();
-        let config = api_config(
-            listen,
-            "",
-            &format!(
-                "[[site.api.location]]\npath = \"/\"\nupstream = \"relay\"\n\n[upstream.relay]\nurl = \"http://{addr}\"\n"
-            ),
-        );
-        let p = Portico::start(&config).await;
-        let mut c = h2raw::Conn::tls(p.addr(), "api.test", &[b"h2"]).await;
-        c.handshake().await;
+        let (_p, mut c) = h2_to_relay(addr).await;
         let fields = [
             (":method", "POST"),
             (":scheme", "https"),
@@ -816,11 +822,13 @@ async fn h2_client_ending_its_upload_at_an_early_head_still_gets_the_body() {
             ("content-length", "100000"),
         ];
         c.send_headers(1, &fields, false).await;
-        c.send(&h2raw::frame(h2raw::DATA, 0, 1, &[b'x'; 1000])).await;
+        c.send(&h2raw::frame(h2raw::DATA, 0, 1, &[b'x'; 1000]))
+            .await;
         let (status, _) = c.response_status(1, STEP).await;
         assert_eq!(status, 401);
         // As curl does: stop sending, and end the stream where it is.
-        c.send(&h2raw::frame(h2raw::DATA, h2raw::END_STREAM, 1, &[])).await;
+        c.send(&h2raw::frame(h2raw::DATA, h2raw::END_STREAM, 1, &[]))
+            .await;
         let mut body = Vec::new();
         let (f, seen) = c
             .until(STEP, |f| {
@@ -850,7 +858,9 @@ async fn h2_client_ending_its_upload_at_an_early_head_still_gets_the_body() {
 #[tokio::test]
 async fn h2_upstream_closing_before_a_small_body_is_a_502() {
     bounded(60, async {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = l.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
@@ -868,17 +878,7 @@ async fn h2_upstream_closing_before_a_small_body_is_a_502() {
                 // Closed here, with none of the 13 bytes sent.
             }
         });
-        let listen = any_port();
-        let config = api_config(
-            listen,
-            "",
-            &format!(
-                "[[site.api.location]]\npath = \"/\"\nupstream = \"relay\"\n\n[upstream.relay]\nurl = \"http://{addr}\"\n"
-            ),
-        );
-        let p = Portico::start(&config).await;
-        let mut c = h2raw::Conn::tls(p.addr(), "api.test", &[b"h2"]).await;
-        c.handshake().await;
+        let (_p, mut c) = h2_to_relay(addr).await;
         let fields = [
             (":method", "GET"),
             (":scheme", "https"),
