@@ -183,8 +183,17 @@ url = "http://{}"
 }
 
 fn get_fields<'a>(path: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    request_fields("GET", path, extra)
+}
+
+/// A request's fields for `api.test`, pseudo-headers first.
+fn request_fields<'a>(
+    method: &'a str,
+    path: &'a str,
+    extra: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
     let mut f = vec![
-        (":method", "GET"),
+        (":method", method),
         (":scheme", "https"),
         (":authority", "api.test"),
         (":path", path),
@@ -716,10 +725,23 @@ async fn unauthorized_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     unauthorized_upstream_after(Duration::ZERO).await
 }
 
-/// An upstream that answers every request with a 401 at once, without
-/// reading its body; the 13-byte body follows the head after `body_after`.
+const UNAUTHORIZED_HEAD: &str =
+    "HTTP/1.1 401 Unauthorized\r\ncontent-length: 13\r\nconnection: close\r\n\r\n";
+
+/// As [`unauthorized_upstream`], with the 13-byte body `body_after` the head.
 async fn unauthorized_upstream_after(
     body_after: Duration,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    canned_upstream(UNAUTHORIZED_HEAD, Some(("unauthorized\n", body_after))).await
+}
+
+/// An upstream that answers every request with `head` once the request's
+/// head is in, without reading its body. `body` follows after its delay,
+/// and the socket stays open a moment, unread, as a relay's would; without
+/// one the connection closes right after the head.
+async fn canned_upstream(
+    head: &'static str,
+    body: Option<(&'static str, Duration)>,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -729,26 +751,27 @@ async fn unauthorized_upstream_after(
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
                     match s.read(&mut buf).await {
                         Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
                     }
                 }
-                let body = "unauthorized\n";
-                let head = format!(
-                    "HTTP/1.1 401 Unauthorized\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                if body_after.is_zero() {
-                    let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
-                } else {
-                    let _ = s.write_all(head.as_bytes()).await;
-                    tokio::time::sleep(body_after).await;
-                    let _ = s.write_all(body.as_bytes()).await;
+                match body {
+                    Some((body, after)) if after.is_zero() => {
+                        let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
+                    }
+                    Some((body, after)) => {
+                        let _ = s.write_all(head.as_bytes()).await;
+                        tokio::time::sleep(after).await;
+                        let _ = s.write_all(body.as_bytes()).await;
+                    }
+                    None => {
+                        let _ = s.write_all(head.as_bytes()).await;
+                        return;
+                    }
                 }
-                // Keep the socket open a moment, unread, as a relay would.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             });
         }
@@ -814,13 +837,7 @@ async fn h2_client_ending_its_upload_at_an_early_head_still_gets_the_body() {
     bounded(60, async {
         let (addr, task) = unauthorized_upstream_after(Duration::from_millis(300)).await;
         let (_p, mut c) = h2_to_relay(addr).await;
-        let fields = [
-            (":method", "POST"),
-            (":scheme", "https"),
-            (":authority", "api.test"),
-            (":path", "/v1/responses"),
-            ("content-length", "100000"),
-        ];
+        let fields = request_fields("POST", "/v1/responses", &[("content-length", "100000")]);
         c.send_headers(1, &fields, false).await;
         c.send(&h2raw::frame(h2raw::DATA, 0, 1, &[b'x'; 1000]))
             .await;
@@ -829,23 +846,12 @@ async fn h2_client_ending_its_upload_at_an_early_head_still_gets_the_body() {
         // As curl does: stop sending, and end the stream where it is.
         c.send(&h2raw::frame(h2raw::DATA, h2raw::END_STREAM, 1, &[]))
             .await;
-        let mut body = Vec::new();
-        let (f, seen) = c
-            .until(STEP, |f| {
-                if f.stream == 1 && f.kind == h2raw::DATA {
-                    body.extend_from_slice(&f.payload);
-                }
-                f.stream == 1
-                    && (f.kind == h2raw::RST_STREAM
-                        || (f.kind == h2raw::DATA && f.flags & h2raw::END_STREAM != 0))
-            })
-            .await;
-        assert_eq!(
-            f.kind,
-            h2raw::DATA,
-            "stream reset (error {:?}) before the body; frames before: {seen:?}",
-            f.error_code()
-        );
+        let body = c.body(1, STEP).await.unwrap_or_else(|(rst, seen)| {
+            panic!(
+                "stream reset (error {:?}) before the body; frames before: {seen:?}",
+                rst.error_code()
+            )
+        });
         assert_eq!(String::from_utf8_lossy(&body), "unauthorized\n");
         task.abort();
     })
@@ -858,44 +864,18 @@ async fn h2_client_ending_its_upload_at_an_early_head_still_gets_the_body() {
 #[tokio::test]
 async fn h2_upstream_closing_before_a_small_body_is_a_502() {
     bounded(60, async {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let mut buf = vec![0u8; 8192];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 13\r\n\r\n")
-                    .await;
-                // Closed here, with none of the 13 bytes sent.
-            }
-        });
+        // Closes with none of the 13 bytes sent.
+        let (addr, task) =
+            canned_upstream("HTTP/1.1 200 OK\r\ncontent-length: 13\r\n\r\n", None).await;
         let (_p, mut c) = h2_to_relay(addr).await;
-        let fields = [
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", "api.test"),
-            (":path", "/v1/models"),
-        ];
+        let fields = get_fields("/v1/models", &[]);
         c.send_headers(1, &fields, true).await;
         let (status, _) = c.response_status(1, STEP).await;
         assert_eq!(status, 502);
-        let mut body = Vec::new();
-        c.until(STEP, |f| {
-            if f.stream == 1 && f.kind == h2raw::DATA {
-                body.extend_from_slice(&f.payload);
-            }
-            f.stream == 1 && f.flags & h2raw::END_STREAM != 0
-        })
-        .await;
+        let body = c
+            .body(1, STEP)
+            .await
+            .unwrap_or_else(|(rst, _)| panic!("502 reset: {rst:?}"));
         let body = String::from_utf8_lossy(&body);
         assert!(
             body.starts_with("upstream relay closed the connection"),
@@ -937,31 +917,16 @@ async fn h2_early_response_is_followed_by_no_error_reset() {
         let mut c = h2raw::Conn::tls(listen, "api.test", &[b"h2"]).await;
         c.handshake().await;
         let len = "100000";
-        let fields = [
-            (":method", "POST"),
-            (":scheme", "https"),
-            (":authority", "api.test"),
-            (":path", "/upload"),
-            ("content-length", len),
-        ];
+        let fields = request_fields("POST", "/upload", &[("content-length", len)]);
         c.send_headers(1, &fields, false).await;
         c.send(&h2raw::frame(h2raw::DATA, 0, 1, &[b'x'; 1000]))
             .await;
         let (status, _) = c.response_status(1, STEP).await;
         assert_eq!(status, 413);
-        let (f, seen) = c
-            .until(STEP, |f| {
-                f.stream == 1
-                    && (f.kind == h2raw::RST_STREAM
-                        || (f.kind == h2raw::DATA && f.flags & h2raw::END_STREAM != 0))
-            })
-            .await;
         // The response ends first; any reset after it says NO_ERROR.
-        assert_eq!(
-            f.kind,
-            h2raw::DATA,
-            "stream reset before the response ended: {f:?} after {seen:?}"
-        );
+        if let Err((f, seen)) = c.body(1, STEP).await {
+            panic!("stream reset before the response ended: {f:?} after {seen:?}");
+        }
         if let Some(rst) = c
             .next(Duration::from_millis(500))
             .await

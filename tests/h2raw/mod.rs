@@ -189,6 +189,31 @@ impl Conn {
         }
     }
 
+    /// The response body of `stream` (its DATA frames) up to the one that
+    /// ends the stream. `Err` holds the RST_STREAM when the stream is reset
+    /// first, with the frames before it.
+    pub async fn body(
+        &mut self,
+        stream: u32,
+        within: Duration,
+    ) -> Result<Vec<u8>, (Frame, Vec<Frame>)> {
+        let mut body = Vec::new();
+        let (f, seen) = self
+            .until(within, |f| {
+                if f.stream == stream && f.kind == DATA {
+                    body.extend_from_slice(&f.payload);
+                }
+                f.stream == stream
+                    && (f.kind == RST_STREAM || (f.kind == DATA && f.flags & END_STREAM != 0))
+            })
+            .await;
+        if f.kind == DATA {
+            Ok(body)
+        } else {
+            Err((f, seen))
+        }
+    }
+
     /// Decode a HEADERS frame's block (END_HEADERS, no padding/priority).
     pub fn decode(&mut self, f: &Frame) -> Vec<(String, String)> {
         assert_eq!(f.kind, HEADERS, "not a HEADERS frame: {f:?}");
