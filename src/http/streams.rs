@@ -55,7 +55,8 @@ where
 }
 
 /// Marks this thread as collecting for one poll of a connection; cleared
-/// on drop, so a panic inside the poll cannot leave it set.
+/// on drop, so a panic inside the poll cannot leave it set, nor leave
+/// streams behind for another connection to adopt.
 struct Collecting;
 
 impl Collecting {
@@ -68,6 +69,11 @@ impl Collecting {
 impl Drop for Collecting {
     fn drop(&mut self) {
         COLLECTING.set(false);
+        if std::thread::panicking() {
+            // Taken out first: dropping a stream must not find the cell borrowed.
+            let orphans = HANDED.with_borrow_mut(std::mem::take);
+            drop(orphans);
+        }
     }
 }
 
