@@ -21,9 +21,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use futures_util::future::FutureExt as _;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 
 type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -47,6 +49,9 @@ where
 {
     fn execute(&self, fut: F) {
         if COLLECTING.get() {
+            // A panicking stream ends alone (its stream is reset), as it
+            // did as a task of its own, not with the whole connection.
+            let fut = AssertUnwindSafe(fut).catch_unwind().map(|_| ());
             HANDED.with_borrow_mut(|h| h.push(Box::pin(fut)));
         } else {
             tokio::spawn(fut);
@@ -105,10 +110,15 @@ impl Streams {
                 let _collecting = Collecting::start();
                 conn.as_mut().poll(cx)
             };
+            // Taken even when the connection ended in this poll (hyper can
+            // hand over a stream and then fail the connection): none may
+            // stay on the thread for another connection to adopt. They are
+            // dropped with this set.
+            let handed = self.take_handed();
             if polled.is_ready() {
                 return polled;
             }
-            if !self.take_handed() {
+            if !handed {
                 return Poll::Pending;
             }
             // New streams run to their first wait now; the frames they
@@ -190,6 +200,81 @@ mod tests {
         let done = streams.drive(conn.as_mut()).await;
         assert_eq!(done, 3);
         assert!(!COLLECTING.get(), "the mark is cleared after each poll");
+    }
+
+    /// Hands over a stream and ends in the same poll, as hyper does when
+    /// the connection fails right after accepting a stream.
+    struct EndsAtOnce(Arc<AtomicUsize>);
+
+    impl Future for EndsAtOnce {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            let ran = self.0.clone();
+            ConnExecutor.execute(async move {
+                ran.fetch_add(1, Ordering::SeqCst);
+            });
+            Poll::Ready(())
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_of_a_connection_that_ended_stay_with_it() {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let mut conn = std::pin::pin!(EndsAtOnce(ran.clone()));
+        let mut streams = Streams::default();
+        streams.drive(conn.as_mut()).await;
+        assert!(
+            HANDED.with_borrow(Vec::is_empty),
+            "nothing left for another connection on this thread"
+        );
+        drop(streams);
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            0,
+            "dropped with the connection, not run"
+        );
+    }
+
+    /// One stream panics; the other still runs and the connection ends
+    /// normally.
+    struct OnePanics {
+        handed: bool,
+        ran: Arc<AtomicUsize>,
+    }
+
+    impl Future for OnePanics {
+        type Output = usize;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<usize> {
+            if !self.handed {
+                self.handed = true;
+                ConnExecutor.execute(async {
+                    panic!("a stream's handler panicked (expected by this test)")
+                });
+                let ran = self.ran.clone();
+                ConnExecutor.execute(async move {
+                    tokio::task::yield_now().await;
+                    ran.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+            match self.ran.load(Ordering::SeqCst) {
+                0 => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                n => Poll::Ready(n),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_stream_ends_alone() {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let mut conn = std::pin::pin!(OnePanics {
+            handed: false,
+            ran: ran.clone(),
+        });
+        let mut streams = Streams::default();
+        assert_eq!(streams.drive(conn.as_mut()).await, 1);
     }
 
     #[tokio::test]
