@@ -157,29 +157,33 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    /// A "connection" that hands over `n` streams on its first poll and
-    /// ends once they all ran.
+    /// A "connection" that hands `streams` to the executor on its first
+    /// poll, and ends once `until` streams have counted themselves in `ran`.
     struct FakeConn {
-        handed: bool,
-        n: usize,
+        streams: Vec<StreamFuture>,
+        until: usize,
         ran: Arc<AtomicUsize>,
+    }
+
+    impl FakeConn {
+        fn new(streams: Vec<StreamFuture>, until: usize, ran: &Arc<AtomicUsize>) -> Self {
+            FakeConn {
+                streams,
+                until,
+                ran: ran.clone(),
+            }
+        }
     }
 
     impl Future for FakeConn {
         type Output = usize;
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<usize> {
-            if !self.handed {
-                self.handed = true;
-                for _ in 0..self.n {
-                    let ran = self.ran.clone();
-                    ConnExecutor.execute(async move {
-                        tokio::task::yield_now().await;
-                        ran.fetch_add(1, Ordering::SeqCst);
-                    });
-                }
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<usize> {
+            let this = self.get_mut();
+            for stream in this.streams.drain(..) {
+                ConnExecutor.execute(stream);
             }
-            let done = self.ran.load(Ordering::SeqCst);
-            if done == self.n {
+            let done = this.ran.load(Ordering::SeqCst);
+            if done >= this.until {
                 Poll::Ready(done)
             } else {
                 cx.waker().wake_by_ref();
@@ -188,39 +192,31 @@ mod tests {
         }
     }
 
+    /// A stream that waits once, then counts itself in `ran`.
+    fn counting(ran: &Arc<AtomicUsize>) -> StreamFuture {
+        let ran = ran.clone();
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            ran.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
     #[tokio::test]
     async fn handed_streams_run_inside_the_connection_future() {
         let ran = Arc::new(AtomicUsize::new(0));
-        let mut conn = std::pin::pin!(FakeConn {
-            handed: false,
-            n: 3,
-            ran: ran.clone(),
-        });
-        let mut streams = Streams::default();
-        let done = streams.drive(conn.as_mut()).await;
+        let streams = (0..3).map(|_| counting(&ran)).collect();
+        let mut conn = std::pin::pin!(FakeConn::new(streams, 3, &ran));
+        let done = Streams::default().drive(conn.as_mut()).await;
         assert_eq!(done, 3);
         assert!(!COLLECTING.get(), "the mark is cleared after each poll");
     }
 
-    /// Hands over a stream and ends in the same poll, as hyper does when
-    /// the connection fails right after accepting a stream.
-    struct EndsAtOnce(Arc<AtomicUsize>);
-
-    impl Future for EndsAtOnce {
-        type Output = ();
-        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
-            let ran = self.0.clone();
-            ConnExecutor.execute(async move {
-                ran.fetch_add(1, Ordering::SeqCst);
-            });
-            Poll::Ready(())
-        }
-    }
-
+    /// The connection hands over a stream and ends in the same poll, as
+    /// hyper's does when it fails right after accepting a stream.
     #[tokio::test]
     async fn streams_of_a_connection_that_ended_stay_with_it() {
         let ran = Arc::new(AtomicUsize::new(0));
-        let mut conn = std::pin::pin!(EndsAtOnce(ran.clone()));
+        let mut conn = std::pin::pin!(FakeConn::new(vec![counting(&ran)], 0, &ran));
         let mut streams = Streams::default();
         streams.drive(conn.as_mut()).await;
         assert!(
@@ -237,44 +233,13 @@ mod tests {
 
     /// One stream panics; the other still runs and the connection ends
     /// normally.
-    struct OnePanics {
-        handed: bool,
-        ran: Arc<AtomicUsize>,
-    }
-
-    impl Future for OnePanics {
-        type Output = usize;
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<usize> {
-            if !self.handed {
-                self.handed = true;
-                ConnExecutor.execute(async {
-                    panic!("a stream's handler panicked (expected by this test)")
-                });
-                let ran = self.ran.clone();
-                ConnExecutor.execute(async move {
-                    tokio::task::yield_now().await;
-                    ran.fetch_add(1, Ordering::SeqCst);
-                });
-            }
-            match self.ran.load(Ordering::SeqCst) {
-                0 => {
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
-                }
-                n => Poll::Ready(n),
-            }
-        }
-    }
-
     #[tokio::test]
     async fn a_panicking_stream_ends_alone() {
         let ran = Arc::new(AtomicUsize::new(0));
-        let mut conn = std::pin::pin!(OnePanics {
-            handed: false,
-            ran: ran.clone(),
-        });
-        let mut streams = Streams::default();
-        assert_eq!(streams.drive(conn.as_mut()).await, 1);
+        let panics: StreamFuture =
+            Box::pin(async { panic!("a stream's handler panicked (expected by this test)") });
+        let mut conn = std::pin::pin!(FakeConn::new(vec![panics, counting(&ran)], 1, &ran));
+        assert_eq!(Streams::default().drive(conn.as_mut()).await, 1);
     }
 
     #[tokio::test]
