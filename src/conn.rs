@@ -50,9 +50,10 @@ pub fn reject(listener: &Arc<str>) {
 }
 
 /// Serve one accepted connection on listener `addr` (labelled `label`) to its end.
+/// `info` holds the TCP peer and the address it connected to.
 pub async fn handle(
     mut stream: TcpStream,
-    peer: SocketAddr,
+    mut info: ConnInfo,
     addr: SocketAddr,
     label: Arc<str>,
     shared: Arc<Shared>,
@@ -62,9 +63,6 @@ pub async fn handle(
 ) {
     let gen = shared.current.load_full();
     let cfg = &gen.config;
-    let Ok(local) = stream.local_addr() else {
-        return;
-    };
     let Some(listen) = cfg.listeners.iter().find(|l| l.addr == addr) else {
         // The listener was removed by a reload while this connection was queued.
         return;
@@ -73,10 +71,6 @@ pub async fn handle(
     let deadline = cfg.timeouts.client_hello;
 
     let mut buf = BytesMut::with_capacity(2048);
-    let mut info = ConnInfo {
-        client: peer,
-        local,
-    };
     if listen.accept_proxy {
         let read = tokio::select! {
             r = inbound_proxy(&mut stream, &mut buf, listen, &mut info, cfg) => r,

@@ -12,6 +12,7 @@ use tracing::{debug, warn, Instrument};
 use crate::conn::{self, Shared};
 use crate::lifecycle::ConnSlot;
 use crate::metrics as m;
+use crate::proxy_protocol::ConnInfo;
 
 /// Bind one listen socket: SO_REUSEADDR so restarts don't wait for TIME_WAIT,
 /// IPV6_V6ONLY so `0.0.0.0:443` and `[::]:443` can both be listed.
@@ -60,7 +61,12 @@ pub async fn accept_loop(
 ) {
     // The bound address, as a label for metrics and logs (the configured
     // one, unless it asked for port 0).
-    let label: Arc<str> = Arc::from(listener.local_addr().unwrap_or(addr).to_string());
+    let bound = listener.local_addr().unwrap_or(addr);
+    let label: Arc<str> = Arc::from(bound.to_string());
+    // A connection accepted on a specific address has that address as its
+    // local one: no getsockname(2) per connection (nginx skips it the same
+    // way). Only a wildcard listener has to ask the kernel.
+    let fixed_local = (!bound.ip().is_unspecified()).then_some(bound);
     let active_gauge = metrics::gauge!(m::CONNECTIONS_ACTIVE, "listener" => label.clone());
     loop {
         let accepted = tokio::select! {
@@ -85,6 +91,14 @@ pub async fn accept_loop(
             refuse(stream, &label, peer, "max_pending_hellos");
             continue;
         };
+        let local = match fixed_local {
+            Some(a) => a,
+            None => match stream.local_addr() {
+                Ok(a) => a,
+                // The client is already gone.
+                Err(_) => continue,
+            },
+        };
         let _ = stream.set_nodelay(true);
         let shared2 = shared.clone();
         let label2 = label.clone();
@@ -93,7 +107,11 @@ pub async fn accept_loop(
         // Not wrapped in an `async` block: one would keep its own copy of
         // every argument for the connection's whole life.
         let slot = ConnSlot::new(permit, gauge);
-        let conn = conn::handle(stream, peer, addr, label2, shared2, slot, pending);
+        let info = ConnInfo {
+            client: peer,
+            local,
+        };
+        let conn = conn::handle(stream, info, addr, label2, shared2, slot, pending);
         shared.life.tasks.spawn(conn.instrument(span));
     }
 }

@@ -8,6 +8,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
 use tokio::io::Interest;
@@ -25,25 +26,57 @@ const SPLICE_AFTER: u64 = 256 * 1024;
 /// A tokio socket whose fd we can splice, with tokio's readiness loop.
 pub trait Socket: AsFd {
     /// Wait until ready for `interest`, run `f`, and wait again while it
-    /// answers `WouldBlock` (tokio's `async_io`).
+    /// answers `WouldBlock`. `f` also says whether it left the socket
+    /// drained (a read shorter than asked): then the readiness is cleared
+    /// as well, as tokio's own `poll_read` does, so the next read waits for
+    /// the next event instead of costing a read(2) that finds nothing.
     fn io<R>(
         &self,
         interest: Interest,
-        f: impl FnMut() -> io::Result<R>,
+        f: impl FnMut() -> io::Result<(R, bool)>,
     ) -> impl std::future::Future<Output = io::Result<R>>;
 }
 
-/// TCP and Unix streams have the same inherent `async_io` but no common
-/// trait for it in tokio.
+/// tokio's `try_io` clears the readiness only when `f` answers
+/// `WouldBlock`; a drained result is handed out through `got` and reported
+/// to tokio as `WouldBlock`, so that it clears the readiness too.
+macro_rules! drained_io {
+    ($s:expr, $interest:expr, $f:expr) => {{
+        let (s, interest, mut f) = ($s, $interest, $f);
+        loop {
+            s.ready(interest).await?;
+            let mut got = None;
+            let r = s.try_io(interest, || match f()? {
+                (r, true) => {
+                    got = Some(r);
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+                (r, false) => Ok(r),
+            });
+            match r {
+                Ok(r) => return Ok(r),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(r) = got {
+                        return Ok(r);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }};
+}
+
+/// TCP and Unix streams have the same inherent `ready` and `try_io` but no
+/// common trait for them in tokio.
 macro_rules! impl_socket {
     ($($t:ty),*) => {$(
         impl Socket for $t {
             async fn io<R>(
                 &self,
                 interest: Interest,
-                f: impl FnMut() -> io::Result<R>,
+                f: impl FnMut() -> io::Result<(R, bool)>,
             ) -> io::Result<R> {
-                self.async_io(interest, f).await
+                drained_io!(self, interest, f)
             }
         }
     )*};
@@ -52,10 +85,14 @@ macro_rules! impl_socket {
 impl_socket!(TcpStream, UnixStream);
 
 impl Socket for crate::dial::Stream {
-    async fn io<R>(&self, interest: Interest, f: impl FnMut() -> io::Result<R>) -> io::Result<R> {
+    async fn io<R>(
+        &self,
+        interest: Interest,
+        f: impl FnMut() -> io::Result<(R, bool)>,
+    ) -> io::Result<R> {
         match self {
-            crate::dial::Stream::Tcp(s) => s.async_io(interest, f).await,
-            crate::dial::Stream::Unix(s) => s.async_io(interest, f).await,
+            crate::dial::Stream::Tcp(s) => s.io(interest, f).await,
+            crate::dial::Stream::Unix(s) => s.io(interest, f).await,
         }
     }
 }
@@ -66,10 +103,14 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Move bytes from `src` to `dst` until `src` reaches EOF, then shut down
 /// `dst`'s write half (propagating the half-close). `on_bytes` sees every
-/// transfer (metrics, idle clock, totals).
+/// transfer (metrics, idle clock, totals). `ended` is shared by the two
+/// directions of a tunnel: the direction that ends second skips the
+/// shutdown, since both sockets are closed right after it (and `close`
+/// sends the same FIN when every byte has been read).
 pub async fn one_way<S: Socket, D: Socket>(
     src: &S,
     dst: &D,
+    ended: &AtomicBool,
     mut on_bytes: impl FnMut(u64),
 ) -> io::Result<()> {
     let mut moved = 0u64;
@@ -89,17 +130,20 @@ pub async fn one_way<S: Socket, D: Socket>(
                     // long (an idle tunnel), so do not hold 16 KiB over it.
                     buf = Vec::new();
                 }
-                read.map_err(io::Error::from)
+                let n = read.map_err(io::Error::from)?;
+                // A short read took all the socket had: drained.
+                Ok((n, n > 0 && n < buf.capacity()))
             })
             .await?;
         if n == 0 {
-            return shutdown_write(dst);
+            return end(dst, ended);
         }
         let mut off = 0;
         while off < n {
             let m = dst
                 .io(Interest::WRITABLE, || {
-                    rustix::io::write(dst.as_fd(), &buf[off..n]).map_err(io::Error::from)
+                    let m = rustix::io::write(dst.as_fd(), &buf[off..n])?;
+                    Ok((m, false))
                 })
                 .await?;
             off += m;
@@ -115,21 +159,29 @@ pub async fn one_way<S: Socket, D: Socket>(
     let (pipe_r, pipe_w) = pipe()?;
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     loop {
-        // Fill the (empty) pipe from the source.
+        // Fill the (empty) pipe from the source. A short splice does not
+        // prove the socket drained (the pipe's slots can fill first), so
+        // the readiness is left to a read that finds nothing.
         let n = src
             .io(Interest::READABLE, || {
-                splice(src.as_fd(), None, &pipe_w, None, CHUNK, flags).map_err(io::Error::from)
+                Ok((
+                    splice(src.as_fd(), None, &pipe_w, None, CHUNK, flags)?,
+                    false,
+                ))
             })
             .await?;
         if n == 0 {
-            return shutdown_write(dst);
+            return end(dst, ended);
         }
         // Drain the pipe into the destination.
         let mut left = n;
         while left > 0 {
             let m = dst
                 .io(Interest::WRITABLE, || {
-                    splice(&pipe_r, None, dst.as_fd(), None, left, flags).map_err(io::Error::from)
+                    Ok((
+                        splice(&pipe_r, None, dst.as_fd(), None, left, flags)?,
+                        false,
+                    ))
                 })
                 .await?;
             left -= m;
@@ -138,7 +190,12 @@ pub async fn one_way<S: Socket, D: Socket>(
     }
 }
 
-/// Propagate EOF: the peer's read side ends, the other direction stays open.
-fn shutdown_write<D: Socket>(dst: &D) -> io::Result<()> {
+/// Propagate EOF: the peer's read side ends, the other direction stays
+/// open. Not when the other direction has ended already: the tunnel closes
+/// both sockets now.
+fn end<D: Socket>(dst: &D, ended: &AtomicBool) -> io::Result<()> {
+    if ended.swap(true, Ordering::Relaxed) {
+        return Ok(());
+    }
     rustix::net::shutdown(dst.as_fd(), rustix::net::Shutdown::Write).map_err(io::Error::from)
 }

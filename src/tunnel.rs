@@ -263,14 +263,15 @@ where
         Err(stats) => return stats,
     };
     let (mut up, mut down) = (o.client_first, 0u64);
+    let ended = std::sync::atomic::AtomicBool::new(false);
     let copy = async {
         tokio::try_join!(
-            crate::splice::one_way(&client, &backend, |n| {
+            crate::splice::one_way(&client, &backend, &ended, |n| {
                 up += n;
                 o.up.increment(n);
                 o.activity.touch();
             }),
-            crate::splice::one_way(&backend, &client, |n| {
+            crate::splice::one_way(&backend, &client, &ended, |n| {
                 down += n;
                 o.down.increment(n);
                 o.activity.touch();
