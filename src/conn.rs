@@ -143,14 +143,16 @@ pub async fn handle(
         return;
     };
     let route = &routed.route;
-    metrics::counter!(m::CONNECTIONS, "listener" => label.clone(), "route" => route.label.clone(), "action" => route.action.kind()).increment(1);
+    routed.connections.increment(&label, || {
+        metrics::counter!(m::CONNECTIONS, "listener" => label.clone(), "route" => route.label.clone(), "action" => route.action.kind())
+    });
 
     let hello = match &peeked {
         Some(Peeked::Tls(h)) => Some(h),
         _ => None,
     };
     match &routed.dispatch {
-        Dispatch::Pass(backend) => {
+        Dispatch::Pass(target) => {
             let out = Outbound {
                 source: info.client,
                 destination: info.local,
@@ -158,7 +160,7 @@ pub async fn handle(
                 alpn: hello.and_then(|h| h.alpn.first().map(Vec::as_slice)),
             };
             let job = tunnel::Job::new(
-                backend,
+                target,
                 &out,
                 &buf,
                 &route.label,

@@ -9,14 +9,14 @@ use std::sync::Arc;
 
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{self, Backend, Config, ConfigError, Route};
+use crate::config::{self, Config, ConfigError, Route};
 use crate::http::site::SiteRuntime;
 use crate::http::upstream::UpstreamClient;
 use crate::terminate::TerminatedSite;
 
 /// What a matched route does, with everything it needs already built.
 pub enum Dispatch {
-    Pass(Arc<Backend>),
+    Pass(Arc<crate::tunnel::Target>),
     Terminate(Arc<TerminatedSite>),
     Redirect,
 }
@@ -25,6 +25,8 @@ pub enum Dispatch {
 pub struct Routed {
     pub route: Route,
     pub dispatch: Dispatch,
+    /// `portico_connections_total` for this route, per listener.
+    pub connections: crate::metrics::ListenerCounters,
 }
 
 impl std::borrow::Borrow<Route> for Routed {
@@ -82,7 +84,9 @@ pub fn prepare(cfg: Config) -> Result<Generation, ConfigError> {
     let mut routes = Vec::with_capacity(cfg.routes.len());
     for route in &cfg.routes {
         let dispatch = match &route.action {
-            config::Action::Pass(backend) => Dispatch::Pass(backend.clone()),
+            config::Action::Pass(backend) => {
+                Dispatch::Pass(Arc::new(crate::tunnel::Target::new(backend.clone())))
+            }
             config::Action::Terminate(name) => match sites.get(name.as_str()) {
                 Some(site) => Dispatch::Terminate(site.clone()),
                 None => {
@@ -98,6 +102,7 @@ pub fn prepare(cfg: Config) -> Result<Generation, ConfigError> {
         routes.push(Routed {
             route: route.clone(),
             dispatch,
+            connections: Default::default(),
         });
     }
     crate::metrics::preregister(&cfg);

@@ -32,6 +32,8 @@ pub struct TerminatedSite {
     pub limits: Limits,
     /// hyper's server settings, from `limits` and `timeouts`.
     pub http_builder: h::Builder,
+    /// `non_http`: where decrypted traffic that is not HTTP goes.
+    pub non_http: Option<tunnel::Target>,
 }
 
 impl TerminatedSite {
@@ -43,6 +45,7 @@ impl TerminatedSite {
     ) -> TerminatedSite {
         TerminatedSite {
             name: http.name.clone(),
+            non_http: http.config.non_http.clone().map(tunnel::Target::new),
             acceptor,
             http,
             http_builder: h::builder(&limits, &timeouts),
@@ -97,7 +100,7 @@ pub async fn establish(
     };
 
     let mut first = BytesMut::new();
-    if let Some(backend) = &entry.http.config.non_http {
+    if let Some(target) = &entry.non_http {
         // The first decrypted bytes decide: HTTP goes to the HTTP server,
         // anything else (VLESS, Trojan, ...) to the non_http backend.
         let peeked = tokio::select! {
@@ -117,7 +120,7 @@ pub async fn establish(
                     sni: sni.as_deref(),
                     alpn: alpn.as_deref(),
                 };
-                let job = tunnel::Job::new(backend, &out, &first, site, timeouts, false);
+                let job = tunnel::Job::new(target, &out, &first, site, timeouts, false);
                 // Boxed so HTTP connections do not reserve the tunnel's space.
                 Box::pin(tunnel::serve(
                     tunnel::ClientSide::Stream(tls),

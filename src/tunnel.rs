@@ -10,7 +10,6 @@ use tokio::net::TcpStream;
 use crate::config::Backend;
 use crate::dial::{self, DialError};
 use crate::io::{idle_watchdog, pump, Activity, Metered, TlsEof};
-use crate::metrics as m;
 
 /// Most bytes one read takes per direction on the user-space path. 64 KiB
 /// moves a bulk transfer in a quarter of the syscalls of tokio's 8 KiB
@@ -93,8 +92,24 @@ pub struct TunnelStats {
 }
 
 /// What to do with one passthrough connection.
+/// A passthrough backend with its tunnel metrics, made once per config
+/// generation.
+#[derive(Debug)]
+pub struct Target {
+    pub backend: std::sync::Arc<Backend>,
+    metrics: crate::metrics::BackendMetrics,
+}
+
+impl Target {
+    pub fn new(backend: std::sync::Arc<Backend>) -> Target {
+        let metrics = crate::metrics::BackendMetrics::new(&backend.name);
+        Target { backend, metrics }
+    }
+}
+
 pub struct Job<'a> {
     pub backend: &'a Backend,
+    metrics: &'a crate::metrics::BackendMetrics,
     /// PROXY header followed by the bytes peeked from the client.
     pub first: Vec<u8>,
     /// Length of the PROXY header at the start of `first`.
@@ -112,18 +127,20 @@ impl<'a> Job<'a> {
     /// A job whose first bytes are the PROXY header `out` calls for (per the
     /// backend's `proxy_protocol`), then the bytes already read from the client.
     pub fn new(
-        backend: &'a Backend,
+        target: &'a Target,
         out: &crate::proxy_protocol::Outbound<'_>,
         peeked: &[u8],
         route: &'a str,
         timeouts: &crate::config::Timeouts,
         splice: bool,
     ) -> Job<'a> {
+        let backend = &*target.backend;
         let mut first = crate::proxy_protocol::outbound_header(backend.proxy_protocol, out);
         let header_len = first.len();
         first.extend_from_slice(peeked);
         Job {
             backend,
+            metrics: &target.metrics,
             first,
             header_len,
             client: out.source,
@@ -157,8 +174,7 @@ pub async fn serve<C>(
     let conn = match connect(job.backend, job.connect_timeout).await {
         Ok(c) => c,
         Err(e) => {
-            metrics::counter!(m::BACKEND_CONNECT_FAILURES, "backend" => job.backend.name.clone())
-                .increment(1);
+            job.metrics.connect_failures.increment(1);
             tracing::warn!(client = %job.client, route = %job.route, backend = %name, error = %e, "backend unreachable; closing client");
             crate::recent_errors::record(crate::recent_errors::RecentError {
                 at: std::time::SystemTime::now(),
@@ -174,9 +190,7 @@ pub async fn serve<C>(
     // Handed to the backend once and freed: the tunnel may stay open for hours.
     let first = std::mem::take(&mut job.first);
     let stats = {
-        let _active = crate::metrics::GaugeGuard::new(
-            metrics::gauge!(m::TUNNEL_ACTIVE, "backend" => job.backend.name.clone()),
-        );
+        let _active = crate::metrics::GaugeGuard::new(job.metrics.active.clone());
         match client {
             ClientSide::Tcp(c) if job.splice => {
                 splice_sockets(c, conn, &job, first, shutdown).await
@@ -186,7 +200,7 @@ pub async fn serve<C>(
         }
     };
     let secs = started.elapsed().as_secs_f64();
-    metrics::histogram!(m::TUNNEL_DURATION, "backend" => job.backend.name.clone()).record(secs);
+    job.metrics.duration.record(secs);
     tracing::info!(
         target: "portico::access",
         kind = "tunnel",
@@ -217,8 +231,8 @@ async fn open<B: AsyncWrite + Unpin>(
     job: &Job<'_>,
     first: Vec<u8>,
 ) -> Result<Opened, TunnelStats> {
-    let up = metrics::counter!(m::TUNNEL_BYTES, "backend" => job.backend.name.clone(), "direction" => "upstream");
-    let down = metrics::counter!(m::TUNNEL_BYTES, "backend" => job.backend.name.clone(), "direction" => "downstream");
+    let up = job.metrics.bytes_up.clone();
+    let down = job.metrics.bytes_down.clone();
     if let Err(e) = backend.write_all(&first).await {
         return Err(TunnelStats {
             up: 0,
