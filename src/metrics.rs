@@ -207,38 +207,6 @@ impl BackendMetrics {
     }
 }
 
-/// A route's `portico_connections_total` handles, one per listener, kept
-/// once made (like [`RequestCounters`]): the lookup with three labels cost
-/// about 1,200 instructions per connection. Bounded by [`Self::MAX`]
-/// listeners; beyond that `make` runs every time.
-#[derive(Debug, Default)]
-pub struct ListenerCounters {
-    known: std::sync::Mutex<Vec<(std::sync::Arc<str>, metrics::Counter)>>,
-}
-
-impl ListenerCounters {
-    pub const MAX: usize = 64;
-
-    /// Add one to `listener`'s counter; `make` registers it the first time.
-    pub fn increment(
-        &self,
-        listener: &std::sync::Arc<str>,
-        make: impl FnOnce() -> metrics::Counter,
-    ) {
-        let Ok(mut known) = self.known.lock() else {
-            return make().increment(1);
-        };
-        if let Some((_, c)) = known.iter().find(|(l, _)| l == listener) {
-            return c.increment(1);
-        }
-        let counter = make();
-        counter.increment(1);
-        if known.len() < Self::MAX {
-            known.push((listener.clone(), counter));
-        }
-    }
-}
-
 /// Kinds of HTTP streams, in the order of [`LocationMetrics`]' arrays.
 pub const STREAM_KINDS: [&str; 3] = ["http", "sse", "websocket"];
 
@@ -263,56 +231,50 @@ pub struct LocationMetrics {
     pub requests: RequestCounters,
 }
 
-/// The `portico_http_requests_total` handles of one location, kept once
-/// made: `counter!` with five labels builds a label vector and looks it up
-/// in the registry on every call (an allocation and a hash per request).
-/// Bounded: at most [`RequestCounters::MAX`] label sets are kept, the rest
-/// go through `counter!` as before.
-#[derive(Default)]
-pub struct RequestCounters {
-    known: std::sync::Mutex<Vec<RequestCounter>>,
+/// Counter handles kept once made, by their varying labels: `counter!`
+/// with labels builds a label vector and looks it up in the registry on
+/// every call (an allocation and a hash). Bounded: at most
+/// [`KeptCounters::MAX`] keys are kept, the rest go through `make` on every
+/// call.
+#[derive(Debug)]
+pub struct KeptCounters<K> {
+    known: std::sync::Mutex<Vec<(K, metrics::Counter)>>,
 }
 
-struct RequestCounter {
-    method: &'static str,
-    status: u16,
-    protocol: &'static str,
-    counter: metrics::Counter,
+impl<K> Default for KeptCounters<K> {
+    fn default() -> Self {
+        KeptCounters {
+            known: Default::default(),
+        }
+    }
 }
 
-impl RequestCounters {
+impl<K: PartialEq + Clone> KeptCounters<K> {
     pub const MAX: usize = 64;
 
-    /// Add one to the counter of (`method`, `status`, `protocol`); `make`
-    /// registers it the first time.
-    pub fn increment(
-        &self,
-        method: &'static str,
-        status: u16,
-        protocol: &'static str,
-        make: impl FnOnce() -> metrics::Counter,
-    ) {
+    /// Add one to `key`'s counter; `make` registers it the first time.
+    pub fn increment(&self, key: &K, make: impl FnOnce() -> metrics::Counter) {
         let Ok(mut known) = self.known.lock() else {
             return make().increment(1);
         };
-        if let Some(k) = known
-            .iter()
-            .find(|k| k.status == status && k.method == method && k.protocol == protocol)
-        {
-            return k.counter.increment(1);
+        if let Some((_, c)) = known.iter().find(|(k, _)| k == key) {
+            return c.increment(1);
         }
         let counter = make();
         counter.increment(1);
         if known.len() < Self::MAX {
-            known.push(RequestCounter {
-                method,
-                status,
-                protocol,
-                counter,
-            });
+            known.push((key.clone(), counter));
         }
     }
 }
+
+/// A location's `portico_http_requests_total` handles, by (status, method,
+/// protocol).
+pub type RequestCounters = KeptCounters<(u16, &'static str, &'static str)>;
+
+/// A route's `portico_connections_total` handles, by listener: the lookup
+/// with three labels cost about 1,200 instructions per connection.
+pub type ListenerCounters = KeptCounters<std::sync::Arc<str>>;
 
 impl LocationMetrics {
     pub fn new(site: &str, location: &str) -> LocationMetrics {

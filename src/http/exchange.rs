@@ -179,7 +179,7 @@ impl Exchange {
         self.kind = kind;
         self.metrics
             .requests
-            .increment(self.method, status, self.protocol, || {
+            .increment(&(status, self.method, self.protocol), || {
                 self.request_counter(status_label(status))
             });
         self._active = Some(GaugeGuard::new(self.metrics.active[kind.index()].clone()));
