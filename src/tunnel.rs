@@ -91,7 +91,6 @@ pub struct TunnelStats {
     pub cause: CloseCause,
 }
 
-/// What to do with one passthrough connection.
 /// A passthrough backend with its tunnel metrics, made once per config
 /// generation.
 #[derive(Debug)]
@@ -107,9 +106,9 @@ impl Target {
     }
 }
 
+/// What to do with one passthrough connection.
 pub struct Job<'a> {
-    pub backend: &'a Backend,
-    metrics: &'a crate::metrics::BackendMetrics,
+    pub target: &'a Target,
     /// PROXY header followed by the bytes peeked from the client.
     pub first: Vec<u8>,
     /// Length of the PROXY header at the start of `first`.
@@ -134,13 +133,11 @@ impl<'a> Job<'a> {
         timeouts: &crate::config::Timeouts,
         splice: bool,
     ) -> Job<'a> {
-        let backend = &*target.backend;
-        let mut first = crate::proxy_protocol::outbound_header(backend.proxy_protocol, out);
+        let mut first = crate::proxy_protocol::outbound_header(target.backend.proxy_protocol, out);
         let header_len = first.len();
         first.extend_from_slice(peeked);
         Job {
-            backend,
-            metrics: &target.metrics,
+            target,
             first,
             header_len,
             client: out.source,
@@ -169,12 +166,12 @@ pub async fn serve<C>(
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let name = &*job.backend.name;
+    let name = &*job.target.backend.name;
     let started = Instant::now();
-    let conn = match connect(job.backend, job.connect_timeout).await {
+    let conn = match connect(&job.target.backend, job.connect_timeout).await {
         Ok(c) => c,
         Err(e) => {
-            job.metrics.connect_failures.increment(1);
+            job.target.metrics.connect_failures.increment(1);
             tracing::warn!(client = %job.client, route = %job.route, backend = %name, error = %e, "backend unreachable; closing client");
             crate::recent_errors::record(crate::recent_errors::RecentError {
                 at: std::time::SystemTime::now(),
@@ -190,7 +187,7 @@ pub async fn serve<C>(
     // Handed to the backend once and freed: the tunnel may stay open for hours.
     let first = std::mem::take(&mut job.first);
     let stats = {
-        let _active = crate::metrics::GaugeGuard::new(job.metrics.active.clone());
+        let _active = crate::metrics::GaugeGuard::new(job.target.metrics.active.clone());
         match client {
             ClientSide::Tcp(c) if job.splice => {
                 splice_sockets(c, conn, &job, first, shutdown).await
@@ -200,7 +197,7 @@ pub async fn serve<C>(
         }
     };
     let secs = started.elapsed().as_secs_f64();
-    job.metrics.duration.record(secs);
+    job.target.metrics.duration.record(secs);
     tracing::info!(
         target: "portico::access",
         kind = "tunnel",
@@ -231,8 +228,8 @@ async fn open<B: AsyncWrite + Unpin>(
     job: &Job<'_>,
     first: Vec<u8>,
 ) -> Result<Opened, TunnelStats> {
-    let up = job.metrics.bytes_up.clone();
-    let down = job.metrics.bytes_down.clone();
+    let up = job.target.metrics.bytes_up.clone();
+    let down = job.target.metrics.bytes_down.clone();
     if let Err(e) = backend.write_all(&first).await {
         return Err(TunnelStats {
             up: 0,
