@@ -37,46 +37,39 @@ pub trait Socket: AsFd {
     ) -> impl std::future::Future<Output = io::Result<R>>;
 }
 
-/// tokio's `try_io` clears the readiness only when `f` answers
-/// `WouldBlock`; a drained result is handed out through `got` and reported
-/// to tokio as `WouldBlock`, so that it clears the readiness too.
-macro_rules! drained_io {
-    ($s:expr, $interest:expr, $f:expr) => {{
-        let (s, interest, mut f) = ($s, $interest, $f);
-        loop {
-            s.ready(interest).await?;
-            let mut got = None;
-            let r = s.try_io(interest, || match f()? {
-                (r, true) => {
-                    got = Some(r);
-                    Err(io::ErrorKind::WouldBlock.into())
-                }
-                (r, false) => Ok(r),
-            });
-            match r {
-                Ok(r) => return Ok(r),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Some(r) = got {
-                        return Ok(r);
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }};
-}
-
 /// TCP and Unix streams have the same inherent `ready` and `try_io` but no
-/// common trait for them in tokio.
+/// common trait for them in tokio. `try_io` clears the readiness only when
+/// `f` answers `WouldBlock`; a drained result is handed out through `got`
+/// and reported to tokio as `WouldBlock`, so that it clears the readiness
+/// too.
 macro_rules! impl_socket {
     ($($t:ty),*) => {$(
         impl Socket for $t {
             async fn io<R>(
                 &self,
                 interest: Interest,
-                f: impl FnMut() -> io::Result<(R, bool)>,
+                mut f: impl FnMut() -> io::Result<(R, bool)>,
             ) -> io::Result<R> {
-                drained_io!(self, interest, f)
+                loop {
+                    self.ready(interest).await?;
+                    let mut got = None;
+                    let r = self.try_io(interest, || match f()? {
+                        (r, true) => {
+                            got = Some(r);
+                            Err(io::ErrorKind::WouldBlock.into())
+                        }
+                        (r, false) => Ok(r),
+                    });
+                    match r {
+                        Ok(r) => return Ok(r),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if let Some(r) = got {
+                                return Ok(r);
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         }
     )*};
