@@ -51,7 +51,16 @@ pub fn reject(listener: &Arc<str>) {
 
 /// Serve one accepted connection on listener `addr` (labelled `label`) to its end.
 /// `info` holds the TCP peer and the address it connected to.
-pub async fn handle(
+///
+/// This future is the connection's task for its whole life, and a task is
+/// as large as its future's largest state, whichever path the connection
+/// takes. So it is kept small (about 400 bytes): it is a plain `fn`
+/// returning an `async move` block (an `async fn` keeps a second copy of
+/// its arguments, rust-lang/rust#62958), and every await on a large state
+/// (reading the PROXY header and the first bytes, the TLS handshake, a
+/// tunnel, an HTTP connection) awaits a box that is freed when that part
+/// is done.
+pub fn handle(
     mut stream: TcpStream,
     mut info: ConnInfo,
     addr: SocketAddr,
@@ -60,151 +69,168 @@ pub async fn handle(
     slot: Arc<ConnSlot>,
     // `limits.max_pending_hellos`: given back once the first bytes are read.
     pending: OwnedSemaphorePermit,
-) {
-    let gen = shared.current.load_full();
-    let cfg = &gen.config;
-    let Some(listen) = cfg.listeners.iter().find(|l| l.addr == addr) else {
-        // The listener was removed by a reload while this connection was queued.
-        return;
-    };
-    let started = Instant::now();
-    let deadline = cfg.timeouts.client_hello;
-
-    let mut buf = BytesMut::with_capacity(2048);
-    if listen.accept_proxy {
-        let read = tokio::select! {
-            r = inbound_proxy(&mut stream, &mut buf, listen, &mut info, cfg) => r,
-            // Shutting down: nothing was asked of us yet, so nothing to drain.
-            _ = shared.life.shutdown.cancelled() => return,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let gen = shared.current.load_full();
+        let cfg = &gen.config;
+        let Some(listen) = cfg.listeners.iter().find(|l| l.addr == addr) else {
+            // The listener was removed by a reload while this connection was queued.
+            return;
         };
-        if let Err(reason) = read {
-            metrics::counter!(m::PROXY_HEADER_FAILURES, "listener" => label.clone(), "reason" => reason).increment(1);
-            reject(&label);
-            return;
-        }
-    }
+        let started = Instant::now();
+        let deadline = cfg.timeouts.client_hello;
 
-    let remaining = deadline.saturating_sub(started.elapsed());
-    let peeked = tokio::select! {
-        p = hello::peek(&mut stream, &mut buf, remaining) => p,
-        // Like an idle keep-alive connection: no request yet, close at once.
-        _ = shared.life.shutdown.cancelled() => {
-            debug!(client = %info.client, "shutting down before the first bytes; closing");
-            return;
-        }
-    };
-    drop(pending);
-    let peeked = match peeked {
-        Ok(p) => Some(p),
-        Err(PeekError::Silent(_)) if cfg.has_silent_route() => None,
-        Err(e) => {
-            let reason = match &e {
-                PeekError::Silent(_) | PeekError::Timeout(..) => "timeout",
-                PeekError::Detect(hello::DetectError::TooLarge) => "too_large",
-                PeekError::Eof(0) | PeekError::Io(_) => {
-                    // Port scanners and health checks that connect and leave: not a hello failure.
-                    debug!(error = %e, "closed before sending anything");
-                    reject(&label);
-                    return;
+        let mut buf = BytesMut::with_capacity(2048);
+        if listen.accept_proxy {
+            let read = Box::pin(async {
+                tokio::select! {
+                    r = inbound_proxy(&mut stream, &mut buf, listen, &mut info, cfg) => Some(r),
+                    // Shutting down: nothing was asked of us yet, so nothing to drain.
+                    _ = shared.life.shutdown.cancelled() => None,
                 }
-                _ => "malformed",
-            };
-            metrics::counter!(m::CLIENT_HELLO_FAILURES, "reason" => reason).increment(1);
-            reject(&label);
-            debug!(client = %info.client, error = %e, "closing before routing");
-            return;
-        }
-    };
-    // A TLS-ALPN-01 validation handshake for a name with a pending ACME
-    // challenge is answered here, before route matching.
-    if let Some(Peeked::Tls(h)) = &peeked {
-        if let Some(key) = crate::acme::tls_alpn_for(h.sni.as_deref(), &h.alpn) {
-            let io = Prefixed::new(buf, stream);
-            // Boxed, like every path below that holds a large state: this
-            // task's future is as large as its largest path, for the whole
-            // life of every connection.
-            Box::pin(crate::acme::answer_tls_alpn(
-                io,
-                key,
-                cfg.timeouts.tls_handshake,
-            ))
+            })
             .await;
-            return;
+            let Some(read) = read else { return };
+            if let Err(reason) = read {
+                metrics::counter!(m::PROXY_HEADER_FAILURES, "listener" => label.clone(), "reason" => reason).increment(1);
+                reject(&label);
+                return;
+            }
         }
-    }
-    let seen = match &peeked {
-        Some(p) => Seen::Peeked(p),
-        None => Seen::Silent,
-    };
-    let Some(routed) = route::decide(seen, &gen.routes) else {
-        metrics::counter!(m::CLIENT_HELLO_FAILURES, "reason" => "no_route").increment(1);
-        reject(&label);
-        debug!(client = %info.client, first = ?peeked, "no route matches; closing");
-        return;
-    };
-    let route = &routed.route;
-    routed.connections.increment(&label, || {
+
+        let read = Box::pin(async {
+            let remaining = deadline.saturating_sub(started.elapsed());
+            tokio::select! {
+                p = hello::peek(&mut stream, &mut buf, remaining) => Some(p),
+                _ = shared.life.shutdown.cancelled() => None,
+            }
+        });
+        let peeked = match read.await {
+            // Like an idle keep-alive connection: no request yet, close at once.
+            None => {
+                debug!(client = %info.client, "shutting down before the first bytes; closing");
+                return;
+            }
+            Some(Ok(p)) => Some(p),
+            Some(Err(PeekError::Silent(_))) if cfg.has_silent_route() => None,
+            Some(Err(e)) => {
+                let reason = match &e {
+                    PeekError::Silent(_) | PeekError::Timeout(..) => "timeout",
+                    PeekError::Detect(hello::DetectError::TooLarge) => "too_large",
+                    PeekError::Eof(0) | PeekError::Io(_) => {
+                        // Port scanners and health checks that connect and leave: not a hello failure.
+                        debug!(error = %e, "closed before sending anything");
+                        reject(&label);
+                        return;
+                    }
+                    _ => "malformed",
+                };
+                metrics::counter!(m::CLIENT_HELLO_FAILURES, "reason" => reason).increment(1);
+                reject(&label);
+                debug!(client = %info.client, error = %e, "closing before routing");
+                return;
+            }
+        };
+        drop(pending);
+        // A TLS-ALPN-01 validation handshake for a name with a pending ACME
+        // challenge is answered here, before route matching.
+        if let Some(Peeked::Tls(h)) = &peeked {
+            if let Some(key) = crate::acme::tls_alpn_for(h.sni.as_deref(), &h.alpn) {
+                let io = Prefixed::new(buf, stream);
+                // Boxed, like every path below that holds a large state: this
+                // task's future is as large as its largest path, for the whole
+                // life of every connection.
+                Box::pin(crate::acme::answer_tls_alpn(
+                    io,
+                    key,
+                    cfg.timeouts.tls_handshake,
+                ))
+                .await;
+                return;
+            }
+        }
+        let seen = match &peeked {
+            Some(p) => Seen::Peeked(p),
+            None => Seen::Silent,
+        };
+        let Some(routed) = route::decide(seen, &gen.routes) else {
+            metrics::counter!(m::CLIENT_HELLO_FAILURES, "reason" => "no_route").increment(1);
+            reject(&label);
+            debug!(client = %info.client, first = ?peeked, "no route matches; closing");
+            return;
+        };
+        let route = &routed.route;
+        routed.connections.increment(&label, || {
         metrics::counter!(m::CONNECTIONS, "listener" => label.clone(), "route" => route.label.clone(), "action" => route.action.kind())
     });
 
-    let hello = match &peeked {
-        Some(Peeked::Tls(h)) => Some(h),
-        _ => None,
-    };
-    match &routed.dispatch {
-        Dispatch::Pass(target) => {
-            let out = Outbound {
-                source: info.client,
-                destination: info.local,
-                sni: hello.and_then(|h| h.sni.as_deref()),
-                alpn: hello.and_then(|h| h.alpn.first().map(Vec::as_slice)),
-            };
-            let job = tunnel::Job::new(
-                target,
-                &out,
-                &buf,
-                &route.label,
-                &cfg.timeouts,
-                cfg.tunnel.splice,
-            );
-            drop(buf);
-            // Boxed (2.1 KiB) so that terminated connections do not carry
-            // the tunnel's room; a tunnel's task is that much smaller.
-            Box::pin(tunnel::serve(
-                tunnel::ClientSide::<TcpStream>::Tcp(stream),
-                job,
-                shared.life.hard_stop.cancelled(),
-            ))
-            .await;
-        }
-        Dispatch::Terminate(site) => {
-            let prefixed = Prefixed::new(buf, stream);
-            // The handshake's state (4.3 KiB) is boxed and freed once it is
-            // done; what is served after it is a box and 160 bytes of state
-            // (see http::serve).
-            let sni = hello.and_then(|h| h.sni.as_deref());
-            let established = Box::pin(crate::terminate::establish(
-                prefixed,
-                site,
-                info,
-                sni,
-                &shared.life,
-                slot,
-            ))
-            .await;
-            if let Some(serving) = established {
-                serving.await;
+        let hello = match &peeked {
+            Some(Peeked::Tls(h)) => Some(h),
+            _ => None,
+        };
+        match &routed.dispatch {
+            Dispatch::Pass(target) => {
+                // In a block of its own: a local still in scope at the await
+                // below would keep its room in the task.
+                let job = {
+                    let out = Outbound {
+                        source: info.client,
+                        destination: info.local,
+                        sni: hello.and_then(|h| h.sni.as_deref()),
+                        alpn: hello.and_then(|h| h.alpn.first().map(Vec::as_slice)),
+                    };
+                    tunnel::Job::new(
+                        target,
+                        &out,
+                        &buf,
+                        &route.label,
+                        &cfg.timeouts,
+                        cfg.tunnel.splice,
+                    )
+                };
+                // What the job needed from the first bytes is in it now; a
+                // tunnel can stay open for hours.
+                drop(buf);
+                drop(peeked);
+                // Boxed (1.2 KiB) so that terminated connections do not carry
+                // the tunnel's room.
+                Box::pin(tunnel::serve(
+                    tunnel::ClientSide::<TcpStream>::Tcp(stream),
+                    job,
+                    &shared.life.hard_stop,
+                ))
+                .await;
             }
-        }
-        Dispatch::Redirect => {
-            let prefixed = Prefixed::new(buf, stream);
-            Box::pin(crate::http::redirect::serve(
-                prefixed,
-                info.client,
-                cfg.timeouts.request_header,
-                &shared.life.shutdown,
-            ))
-            .await;
+            Dispatch::Terminate(site) => {
+                let prefixed = Prefixed::new(buf, stream);
+                // The handshake's state (4.3 KiB) is boxed and freed once it is
+                // done; what is served after it is a box and 160 bytes of state
+                // (see http::serve).
+                let sni = hello.and_then(|h| h.sni.as_deref());
+                let serving = Box::pin(crate::terminate::establish(
+                    prefixed,
+                    site,
+                    info,
+                    sni,
+                    &shared.life,
+                    slot,
+                ))
+                .await
+                .map(Box::pin);
+                if let Some(serving) = serving {
+                    serving.await;
+                }
+            }
+            Dispatch::Redirect => {
+                let prefixed = Prefixed::new(buf, stream);
+                Box::pin(crate::http::redirect::serve(
+                    prefixed,
+                    info.client,
+                    cfg.timeouts.request_header,
+                    &shared.life.shutdown,
+                ))
+                .await;
+            }
         }
     }
 }

@@ -9,6 +9,7 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{ready, Context, Poll};
 
 use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
 use tokio::io::Interest;
@@ -24,34 +25,49 @@ const SMALL_BUF: usize = 16 * 1024;
 const SPLICE_AFTER: u64 = 256 * 1024;
 
 /// A tokio socket whose fd we can splice, with tokio's readiness loop.
+///
+/// Poll-based rather than an `async fn` on purpose: a tunnel's two
+/// directions sit in these waits for the tunnel's whole life, and a
+/// `ready()` future (a waiter node, its arguments and the closure) costs
+/// ~250 bytes in the tunnel's state per direction, where `poll_ready` keeps
+/// the waker in the socket's own registration. Each (socket, direction)
+/// pair is polled by one direction of one tunnel only, which is what
+/// `poll_*_ready` requires.
 pub trait Socket: AsFd {
-    /// Wait until ready for `interest`, run `f`, and wait again while it
-    /// answers `WouldBlock`. `f` also says whether it left the socket
-    /// drained (a read shorter than asked): then the readiness is cleared
-    /// as well, as tokio's own `poll_read` does, so the next read waits for
-    /// the next event instead of costing a read(2) that finds nothing.
-    fn io<R>(
+    /// Poll until ready for `interest` (READABLE or WRITABLE), run `f`, and
+    /// poll again while it answers `WouldBlock`. `f` also says whether it
+    /// left the socket drained (a read shorter than asked): then the
+    /// readiness is cleared as well, as tokio's own `poll_read` does, so the
+    /// next read waits for the next event instead of costing a read(2) that
+    /// finds nothing.
+    fn poll_io<R>(
         &self,
+        cx: &mut Context<'_>,
         interest: Interest,
-        f: impl FnMut() -> io::Result<(R, bool)>,
-    ) -> impl std::future::Future<Output = io::Result<R>>;
+        f: &mut impl FnMut() -> io::Result<(R, bool)>,
+    ) -> Poll<io::Result<R>>;
 }
 
-/// TCP and Unix streams have the same inherent `ready` and `try_io` but no
-/// common trait for them in tokio. `try_io` clears the readiness only when
-/// `f` answers `WouldBlock`; a drained result is handed out through `got`
-/// and reported to tokio as `WouldBlock`, so that it clears the readiness
-/// too.
+/// TCP and Unix streams have the same inherent `poll_*_ready` and `try_io`
+/// but no common trait for them in tokio. `try_io` clears the readiness
+/// only when `f` answers `WouldBlock`; a drained result is handed out
+/// through `got` and reported to tokio as `WouldBlock`, so that it clears
+/// the readiness too.
 macro_rules! impl_socket {
     ($($t:ty),*) => {$(
         impl Socket for $t {
-            async fn io<R>(
+            fn poll_io<R>(
                 &self,
+                cx: &mut Context<'_>,
                 interest: Interest,
-                mut f: impl FnMut() -> io::Result<(R, bool)>,
-            ) -> io::Result<R> {
+                f: &mut impl FnMut() -> io::Result<(R, bool)>,
+            ) -> Poll<io::Result<R>> {
                 loop {
-                    self.ready(interest).await?;
+                    if interest.is_readable() {
+                        ready!(self.poll_read_ready(cx))?;
+                    } else {
+                        ready!(self.poll_write_ready(cx))?;
+                    }
                     let mut got = None;
                     let r = self.try_io(interest, || match f()? {
                         (r, true) => {
@@ -61,13 +77,13 @@ macro_rules! impl_socket {
                         (r, false) => Ok(r),
                     });
                     match r {
-                        Ok(r) => return Ok(r),
+                        Ok(r) => return Poll::Ready(Ok(r)),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             if let Some(r) = got {
-                                return Ok(r);
+                                return Poll::Ready(Ok(r));
                             }
                         }
-                        Err(e) => return Err(e),
+                        Err(e) => return Poll::Ready(Err(e)),
                     }
                 }
             }
@@ -78,16 +94,28 @@ macro_rules! impl_socket {
 impl_socket!(TcpStream, UnixStream);
 
 impl Socket for crate::dial::Stream {
-    async fn io<R>(
+    fn poll_io<R>(
         &self,
+        cx: &mut Context<'_>,
         interest: Interest,
-        f: impl FnMut() -> io::Result<(R, bool)>,
-    ) -> io::Result<R> {
+        f: &mut impl FnMut() -> io::Result<(R, bool)>,
+    ) -> Poll<io::Result<R>> {
         match self {
-            crate::dial::Stream::Tcp(s) => s.io(interest, f).await,
-            crate::dial::Stream::Unix(s) => s.io(interest, f).await,
+            crate::dial::Stream::Tcp(s) => s.poll_io(cx, interest, f),
+            crate::dial::Stream::Unix(s) => s.poll_io(cx, interest, f),
         }
     }
+}
+
+/// Wait for `s` to be ready for `interest` and run `f` (see
+/// [`Socket::poll_io`]). A plain `fn` returning the `PollFn`: an `async fn`
+/// would keep a second copy of its arguments in its state.
+fn io<'a, S: Socket, R>(
+    s: &'a S,
+    interest: Interest,
+    mut f: impl FnMut() -> io::Result<(R, bool)> + 'a,
+) -> impl std::future::Future<Output = io::Result<R>> + 'a {
+    std::future::poll_fn(move |cx| s.poll_io(cx, interest, &mut f))
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -110,35 +138,33 @@ pub async fn one_way<S: Socket, D: Socket>(
     // Held only while data is flowing: an idle tunnel keeps no buffer.
     let mut buf: Vec<u8> = Vec::new();
     while moved < SPLICE_AFTER {
-        let n = src
-            .io(Interest::READABLE, || {
-                if buf.capacity() == 0 {
-                    // Uninitialised: the kernel fills it, no need to zero 16 KiB.
-                    buf = Vec::with_capacity(SMALL_BUF);
-                }
-                buf.clear();
-                let read = rustix::io::read(src.as_fd(), rustix::buffer::spare_capacity(&mut buf));
-                if read == Err(rustix::io::Errno::AGAIN) {
-                    // Nothing to read yet: the wait for readiness can be
-                    // long (an idle tunnel), so do not hold 16 KiB over it.
-                    buf = Vec::new();
-                }
-                let n = read.map_err(io::Error::from)?;
-                // A short read took all the socket had: drained.
-                Ok((n, n > 0 && n < buf.capacity()))
-            })
-            .await?;
+        let n = io(src, Interest::READABLE, || {
+            if buf.capacity() == 0 {
+                // Uninitialised: the kernel fills it, no need to zero 16 KiB.
+                buf = Vec::with_capacity(SMALL_BUF);
+            }
+            buf.clear();
+            let read = rustix::io::read(src.as_fd(), rustix::buffer::spare_capacity(&mut buf));
+            if read == Err(rustix::io::Errno::AGAIN) {
+                // Nothing to read yet: the wait for readiness can be
+                // long (an idle tunnel), so do not hold 16 KiB over it.
+                buf = Vec::new();
+            }
+            let n = read.map_err(io::Error::from)?;
+            // A short read took all the socket had: drained.
+            Ok((n, n > 0 && n < buf.capacity()))
+        })
+        .await?;
         if n == 0 {
             return end(dst, ended);
         }
         let mut off = 0;
         while off < n {
-            let m = dst
-                .io(Interest::WRITABLE, || {
-                    let m = rustix::io::write(dst.as_fd(), &buf[off..n])?;
-                    Ok((m, false))
-                })
-                .await?;
+            let m = io(dst, Interest::WRITABLE, || {
+                let m = rustix::io::write(dst.as_fd(), &buf[off..n])?;
+                Ok((m, false))
+            })
+            .await?;
             off += m;
             on_bytes(m as u64);
         }
@@ -155,28 +181,26 @@ pub async fn one_way<S: Socket, D: Socket>(
         // Fill the (empty) pipe from the source. A short splice does not
         // prove the socket drained (the pipe's slots can fill first), so
         // the readiness is left to a read that finds nothing.
-        let n = src
-            .io(Interest::READABLE, || {
-                Ok((
-                    splice(src.as_fd(), None, &pipe_w, None, CHUNK, flags)?,
-                    false,
-                ))
-            })
-            .await?;
+        let n = io(src, Interest::READABLE, || {
+            Ok((
+                splice(src.as_fd(), None, &pipe_w, None, CHUNK, flags)?,
+                false,
+            ))
+        })
+        .await?;
         if n == 0 {
             return end(dst, ended);
         }
         // Drain the pipe into the destination.
         let mut left = n;
         while left > 0 {
-            let m = dst
-                .io(Interest::WRITABLE, || {
-                    Ok((
-                        splice(&pipe_r, None, dst.as_fd(), None, left, flags)?,
-                        false,
-                    ))
-                })
-                .await?;
+            let m = io(dst, Interest::WRITABLE, || {
+                Ok((
+                    splice(&pipe_r, None, dst.as_fd(), None, left, flags)?,
+                    false,
+                ))
+            })
+            .await?;
             left -= m;
             on_bytes(m as u64);
         }

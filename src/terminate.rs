@@ -125,7 +125,7 @@ pub async fn establish(
                 Box::pin(tunnel::serve(
                     tunnel::ClientSide::Stream(tls),
                     job,
-                    life.hard_stop.cancelled(),
+                    &life.hard_stop,
                 ))
                 .await;
                 return None;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Backend;
 use crate::dial::{self, DialError};
@@ -159,57 +160,64 @@ pub enum ClientSide<C> {
 /// Connect to the job's backend and join it with `client` until both sides
 /// are done; counts, times and logs the tunnel. A backend that cannot be
 /// reached closes the client at once, counted and logged once.
-pub async fn serve<C>(
+///
+/// Like the two functions below, a plain `fn` returning an `async move`
+/// block: an `async fn` keeps a second copy of its arguments in its state
+/// (rust-lang/rust#62958), and a tunnel keeps that state for its whole life.
+pub fn serve<'a, C>(
     client: ClientSide<C>,
-    mut job: Job<'_>,
-    shutdown: impl std::future::Future<Output = ()>,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
+    mut job: Job<'a>,
+    shutdown: &'a CancellationToken,
+) -> impl std::future::Future<Output = ()> + 'a
+where
+    C: AsyncRead + AsyncWrite + Unpin + 'a,
 {
-    let name = &*job.target.backend.name;
-    let started = Instant::now();
-    let conn = match connect(&job.target.backend, job.connect_timeout).await {
-        Ok(c) => c,
-        Err(e) => {
-            job.target.metrics.connect_failures.increment(1);
-            tracing::warn!(client = %job.client, route = %job.route, backend = %name, error = %e, "backend unreachable; closing client");
-            crate::recent_errors::record(crate::recent_errors::RecentError {
-                at: std::time::SystemTime::now(),
-                kind: "backend",
-                site: None,
-                location: None,
-                status: None,
-                error: format!("backend {name} unreachable: {e}"),
-            });
-            return;
-        }
-    };
-    // Handed to the backend once and freed: the tunnel may stay open for hours.
-    let first = std::mem::take(&mut job.first);
-    let stats = {
-        let _active = crate::metrics::GaugeGuard::new(job.target.metrics.active.clone());
-        match client {
-            ClientSide::Tcp(c) if job.splice => {
-                splice_sockets(c, conn, &job, first, shutdown).await
+    async move {
+        let name = &*job.target.backend.name;
+        let started = Instant::now();
+        let conn = match connect(&job.target.backend, job.connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                job.target.metrics.connect_failures.increment(1);
+                tracing::warn!(client = %job.client, route = %job.route, backend = %name, error = %e, "backend unreachable; closing client");
+                crate::recent_errors::record(crate::recent_errors::RecentError {
+                    at: std::time::SystemTime::now(),
+                    kind: "backend",
+                    site: None,
+                    location: None,
+                    status: None,
+                    error: format!("backend {name} unreachable: {e}"),
+                });
+                return;
             }
-            ClientSide::Tcp(c) => pipe_streams(c, conn, &job, first, shutdown).await,
-            ClientSide::Stream(c) => pipe_streams(c, conn, &job, first, shutdown).await,
-        }
-    };
-    let secs = started.elapsed().as_secs_f64();
-    job.target.metrics.duration.record(secs);
-    tracing::info!(
-        target: "portico::access",
-        kind = "tunnel",
-        client = %job.client,
-        route = %job.route,
-        backend = %name,
-        bytes_up = stats.up,
-        bytes_down = stats.down,
-        duration_ms = (secs * 1000.0) as u64,
-        cause = %stats.cause,
-        "tunnel closed"
-    );
+        };
+        // Handed to the backend once and freed: the tunnel may stay open for hours.
+        let first = std::mem::take(&mut job.first);
+        let stats = {
+            let _active = crate::metrics::GaugeGuard::new(job.target.metrics.active.clone());
+            match client {
+                ClientSide::Tcp(c) if job.splice => {
+                    splice_sockets(c, conn, &job, first, shutdown).await
+                }
+                ClientSide::Tcp(c) => pipe_streams(c, conn, &job, first, shutdown).await,
+                ClientSide::Stream(c) => pipe_streams(c, conn, &job, first, shutdown).await,
+            }
+        };
+        let secs = started.elapsed().as_secs_f64();
+        job.target.metrics.duration.record(secs);
+        tracing::info!(
+            target: "portico::access",
+            kind = "tunnel",
+            client = %job.client,
+            route = %job.route,
+            backend = %name,
+            bytes_up = stats.up,
+            bytes_down = stats.down,
+            duration_ms = (secs * 1000.0) as u64,
+            cause = %stats.cause,
+            "tunnel closed"
+        );
+    }
 }
 
 /// The start every tunnel shares: live byte counters, the PROXY header and
@@ -259,83 +267,87 @@ fn end_cause(r: io::Result<()>) -> CloseCause {
 }
 
 /// The splice(2) path for socket-to-socket tunnels.
-async fn splice_sockets<B>(
+fn splice_sockets<'a, B>(
     client: TcpStream,
     mut backend: B,
-    job: &Job<'_>,
+    job: &'a Job<'_>,
     first: Vec<u8>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> TunnelStats
+    shutdown: &'a CancellationToken,
+) -> impl std::future::Future<Output = TunnelStats> + 'a
 where
-    B: crate::splice::Socket + AsyncWrite + Unpin,
+    B: crate::splice::Socket + AsyncWrite + Unpin + 'a,
 {
-    let o = match open(&mut backend, job, first).await {
-        Ok(o) => o,
-        Err(stats) => return stats,
-    };
-    let (mut up, mut down) = (o.client_first, 0u64);
-    let ended = std::sync::atomic::AtomicBool::new(false);
-    let copy = async {
-        tokio::try_join!(
-            crate::splice::one_way(&client, &backend, &ended, |n| {
-                up += n;
-                o.up.increment(n);
-                o.activity.touch();
-            }),
-            crate::splice::one_way(&backend, &client, &ended, |n| {
-                down += n;
-                o.down.increment(n);
-                o.activity.touch();
-            }),
-        )
-        .map(|_| ())
-    };
-    let cause = tokio::select! {
-        r = copy => end_cause(r),
-        _ = idle_watchdog(&o.activity, job.idle) => CloseCause::Idle,
-        _ = shutdown => CloseCause::Shutdown,
-    };
-    TunnelStats { up, down, cause }
+    async move {
+        let o = match open(&mut backend, job, first).await {
+            Ok(o) => o,
+            Err(stats) => return stats,
+        };
+        let (mut up, mut down) = (o.client_first, 0u64);
+        let ended = std::sync::atomic::AtomicBool::new(false);
+        let copy = async {
+            tokio::try_join!(
+                crate::splice::one_way(&client, &backend, &ended, |n| {
+                    up += n;
+                    o.up.increment(n);
+                    o.activity.touch();
+                }),
+                crate::splice::one_way(&backend, &client, &ended, |n| {
+                    down += n;
+                    o.down.increment(n);
+                    o.activity.touch();
+                }),
+            )
+            .map(|_| ())
+        };
+        let cause = tokio::select! {
+            r = copy => end_cause(r),
+            _ = idle_watchdog(&o.activity, job.idle) => CloseCause::Idle,
+            _ = shutdown.cancelled() => CloseCause::Shutdown,
+        };
+        TunnelStats { up, down, cause }
+    }
 }
 
 /// The user-space path: any client stream (decrypted TLS), or splice off.
-async fn pipe_streams<C, B>(
+fn pipe_streams<'a, C, B>(
     client: C,
     mut backend: B,
-    job: &Job<'_>,
+    job: &'a Job<'_>,
     first: Vec<u8>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> TunnelStats
+    shutdown: &'a CancellationToken,
+) -> impl std::future::Future<Output = TunnelStats> + 'a
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + 'a,
+    B: AsyncRead + AsyncWrite + Unpin + 'a,
 {
-    let o = match open(&mut backend, job, first).await {
-        Ok(o) => o,
-        Err(stats) => return stats,
-    };
-    let c = Metered::new(client, o.up, o.client_first, o.activity.clone());
-    let b = Metered::new(backend, o.down, 0, o.activity.clone());
-    let (mut cr, mut cw) = tokio::io::split(c);
-    let (mut br, mut bw) = tokio::io::split(b);
-    // Buffers only while bytes are in flight (see `pump`): a terminated
-    // tunnel that sits idle holds no copy buffer.
-    let both = async {
-        tokio::try_join!(
-            pump::<COPY_BUF, _, _>(&mut cr, &mut bw, TlsEof::Fails),
-            pump::<COPY_BUF, _, _>(&mut br, &mut cw, TlsEof::Fails)
-        )
-        .map(|_| ())
-    };
-    let cause = tokio::select! {
-        r = both => end_cause(r),
-        _ = idle_watchdog(&o.activity, job.idle) => CloseCause::Idle,
-        _ = shutdown => CloseCause::Shutdown,
-    };
-    let (c, b) = (cr.unsplit(cw), br.unsplit(bw));
-    TunnelStats {
-        up: c.total,
-        down: b.total,
-        cause,
+    async move {
+        let o = match open(&mut backend, job, first).await {
+            Ok(o) => o,
+            Err(stats) => return stats,
+        };
+        let c = Metered::new(client, o.up, o.client_first, o.activity.clone());
+        let b = Metered::new(backend, o.down, 0, o.activity.clone());
+        let (mut cr, mut cw) = tokio::io::split(c);
+        let (mut br, mut bw) = tokio::io::split(b);
+        // Buffers only while bytes are in flight (see `pump`): a terminated
+        // tunnel that sits idle holds no copy buffer.
+        let both = async {
+            tokio::try_join!(
+                pump::<COPY_BUF, _, _>(&mut cr, &mut bw, TlsEof::Fails),
+                pump::<COPY_BUF, _, _>(&mut br, &mut cw, TlsEof::Fails)
+            )
+            .map(|_| ())
+        };
+        let cause = tokio::select! {
+            r = both => end_cause(r),
+            _ = idle_watchdog(&o.activity, job.idle) => CloseCause::Idle,
+            _ = shutdown.cancelled() => CloseCause::Shutdown,
+        };
+        let (c, b) = (cr.unsplit(cw), br.unsplit(bw));
+        TunnelStats {
+            up: c.total,
+            down: b.total,
+            cause,
+        }
     }
 }
