@@ -123,13 +123,25 @@ impl Activity {
 }
 
 /// Resolves once `activity` has seen no byte for `idle`.
-pub async fn idle_watchdog(activity: &Activity, idle: Duration) {
-    loop {
-        let quiet = activity.idle_for();
-        if quiet >= idle {
-            return;
+/// A plain `fn` returning an `async move` block: an `async fn` would keep a
+/// second copy of its arguments, and a tunnel or WebSocket holds this for
+/// its whole life.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in its state"
+)]
+pub fn idle_watchdog(
+    activity: &Activity,
+    idle: Duration,
+) -> impl std::future::Future<Output = ()> + '_ {
+    async move {
+        loop {
+            let quiet = activity.idle_for();
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
         }
-        tokio::time::sleep(idle - quiet).await;
     }
 }
 

@@ -128,81 +128,90 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// directions of a tunnel: the direction that ends second skips the
 /// shutdown, since both sockets are closed right after it (and `close`
 /// sends the same FIN when every byte has been read).
-pub async fn one_way<S: Socket, D: Socket>(
-    src: &S,
-    dst: &D,
-    ended: &AtomicBool,
-    mut on_bytes: impl FnMut(u64),
-) -> io::Result<()> {
-    let mut moved = 0u64;
-    // Held only while data is flowing: an idle tunnel keeps no buffer.
-    let mut buf: Vec<u8> = Vec::new();
-    while moved < SPLICE_AFTER {
-        let n = io(src, Interest::READABLE, || {
-            if buf.capacity() == 0 {
-                // Uninitialised: the kernel fills it, no need to zero 16 KiB.
-                buf = Vec::with_capacity(SMALL_BUF);
-            }
-            buf.clear();
-            let read = rustix::io::read(src.as_fd(), rustix::buffer::spare_capacity(&mut buf));
-            if read == Err(rustix::io::Errno::AGAIN) {
-                // Nothing to read yet: the wait for readiness can be
-                // long (an idle tunnel), so do not hold 16 KiB over it.
-                buf = Vec::new();
-            }
-            let n = read.map_err(io::Error::from)?;
-            // A short read took all the socket had: drained.
-            Ok((n, n > 0 && n < buf.capacity()))
-        })
-        .await?;
-        if n == 0 {
-            return end(dst, ended);
-        }
-        let mut off = 0;
-        while off < n {
-            let m = io(dst, Interest::WRITABLE, || {
-                let m = rustix::io::write(dst.as_fd(), &buf[off..n])?;
-                Ok((m, false))
+///
+/// A plain `fn` returning an `async move` block, like [`io`]: a tunnel's
+/// two directions are held for its whole life.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in its state"
+)]
+pub fn one_way<'a, S: Socket, D: Socket>(
+    src: &'a S,
+    dst: &'a D,
+    ended: &'a AtomicBool,
+    mut on_bytes: impl FnMut(u64) + 'a,
+) -> impl std::future::Future<Output = io::Result<()>> + 'a {
+    async move {
+        let mut moved = 0u64;
+        // Held only while data is flowing: an idle tunnel keeps no buffer.
+        let mut buf: Vec<u8> = Vec::new();
+        while moved < SPLICE_AFTER {
+            let n = io(src, Interest::READABLE, || {
+                if buf.capacity() == 0 {
+                    // Uninitialised: the kernel fills it, no need to zero 16 KiB.
+                    buf = Vec::with_capacity(SMALL_BUF);
+                }
+                buf.clear();
+                let read = rustix::io::read(src.as_fd(), rustix::buffer::spare_capacity(&mut buf));
+                if read == Err(rustix::io::Errno::AGAIN) {
+                    // Nothing to read yet: the wait for readiness can be
+                    // long (an idle tunnel), so do not hold 16 KiB over it.
+                    buf = Vec::new();
+                }
+                let n = read.map_err(io::Error::from)?;
+                // A short read took all the socket had: drained.
+                Ok((n, n > 0 && n < buf.capacity()))
             })
             .await?;
-            off += m;
-            on_bytes(m as u64);
+            if n == 0 {
+                return end(dst, ended);
+            }
+            let mut off = 0;
+            while off < n {
+                let m = io(dst, Interest::WRITABLE, || {
+                    let m = rustix::io::write(dst.as_fd(), &buf[off..n])?;
+                    Ok((m, false))
+                })
+                .await?;
+                off += m;
+                on_bytes(m as u64);
+            }
+            moved += n as u64;
+            if n < SMALL_BUF {
+                buf = Vec::new();
+            }
         }
-        moved += n as u64;
-        if n < SMALL_BUF {
-            buf = Vec::new();
-        }
-    }
-    drop(buf);
+        drop(buf);
 
-    let (pipe_r, pipe_w) = pipe()?;
-    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
-    loop {
-        // Fill the (empty) pipe from the source. A short splice does not
-        // prove the socket drained (the pipe's slots can fill first), so
-        // the readiness is left to a read that finds nothing.
-        let n = io(src, Interest::READABLE, || {
-            Ok((
-                splice(src.as_fd(), None, &pipe_w, None, CHUNK, flags)?,
-                false,
-            ))
-        })
-        .await?;
-        if n == 0 {
-            return end(dst, ended);
-        }
-        // Drain the pipe into the destination.
-        let mut left = n;
-        while left > 0 {
-            let m = io(dst, Interest::WRITABLE, || {
+        let (pipe_r, pipe_w) = pipe()?;
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        loop {
+            // Fill the (empty) pipe from the source. A short splice does not
+            // prove the socket drained (the pipe's slots can fill first), so
+            // the readiness is left to a read that finds nothing.
+            let n = io(src, Interest::READABLE, || {
                 Ok((
-                    splice(&pipe_r, None, dst.as_fd(), None, left, flags)?,
+                    splice(src.as_fd(), None, &pipe_w, None, CHUNK, flags)?,
                     false,
                 ))
             })
             .await?;
-            left -= m;
-            on_bytes(m as u64);
+            if n == 0 {
+                return end(dst, ended);
+            }
+            // Drain the pipe into the destination.
+            let mut left = n;
+            while left > 0 {
+                let m = io(dst, Interest::WRITABLE, || {
+                    Ok((
+                        splice(&pipe_r, None, dst.as_fd(), None, left, flags)?,
+                        false,
+                    ))
+                })
+                .await?;
+                left -= m;
+                on_bytes(m as u64);
+            }
         }
     }
 }

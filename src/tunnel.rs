@@ -164,6 +164,10 @@ pub enum ClientSide<C> {
 /// Like the two functions below, a plain `fn` returning an `async move`
 /// block: an `async fn` keeps a second copy of its arguments in its state
 /// (rust-lang/rust#62958), and a tunnel keeps that state for its whole life.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in its state"
+)]
 pub fn serve<'a, C>(
     client: ClientSide<C>,
     mut job: Job<'a>,
