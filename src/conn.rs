@@ -208,8 +208,9 @@ pub fn handle(
             Dispatch::Terminate(site) => {
                 let prefixed = Prefixed::new(buf, stream);
                 // The handshake's state (4.3 KiB) is boxed and freed once it is
-                // done; what is served after it is a box and 160 bytes of state
-                // (see http::serve).
+                // done; what is served after it (192 bytes and hyper's own box,
+                // see http::serve) is boxed too, so that tunnels do not carry
+                // its room.
                 let sni = hello.and_then(|h| h.sni.as_deref());
                 let serving = Box::pin(crate::terminate::establish(
                     prefixed,
