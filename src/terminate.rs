@@ -188,6 +188,9 @@ pub async fn establish(
         life: life.clone(),
         slot,
     });
+    // HTTP/1.1 or h2 is settled by now: ALPN's choice passed the check
+    // above, and without ALPN the first bytes are the h2 preface or not.
+    let h2 = first.starts_with(H2_PREFACE);
     Some(h::serve(
         Framing::new(
             Prefixed::new(first, tls),
@@ -198,6 +201,7 @@ pub async fn establish(
             timeouts.request_header,
         ),
         &entry.http_builder,
+        h2,
         entry.http.clone(),
         ctx,
     ))
