@@ -137,12 +137,11 @@ pub async fn establish(
         }
     }
 
-    // hyper-util's auto builder reads the first bytes to choose HTTP/1.1 or
-    // h2 with no deadline (its http1_only/http2_only do nothing with
-    // serve_connection_with_upgrades), and hyper's header_read_timeout only
-    // starts after that. Read them here, within request_header, so a client
-    // that completes the handshake and then stays silent, or stops inside
-    // the h2 preface, does not hold its connection slot forever.
+    // The first bytes choose HTTP/1.1 or h2 (and must match what ALPN
+    // chose), and hyper's header_read_timeout only starts once hyper has the
+    // connection. Read them here, within request_header, so a client that
+    // completes the handshake and then stays silent, or stops inside the h2
+    // preface, does not hold its connection slot forever.
     let version_known = async {
         loop {
             let n = first.len().min(H2_PREFACE.len());
