@@ -163,21 +163,26 @@ pub async fn establish(
         return None;
     }
     // ALPN is binding: what the client negotiated is what it must speak.
-    let refusal = match conformance::check_first_bytes(negotiated, &first) {
-        conformance::Verdict::Serve => None,
-        conformance::Verdict::NotH2 => Some(conformance::GOAWAY_PROTOCOL_ERROR.to_vec()),
-        conformance::Verdict::H2OnHttp1 => Some(conformance::preface_on_http1_response()),
+    // Past this check HTTP/1.1 or h2 is settled (without ALPN, by whether
+    // the first bytes are the h2 preface).
+    let served = match conformance::check_first_bytes(negotiated, &first) {
+        conformance::Verdict::Serve { h2 } => Ok(h2),
+        conformance::Verdict::NotH2 => Err(conformance::GOAWAY_PROTOCOL_ERROR.to_vec()),
+        conformance::Verdict::H2OnHttp1 => Err(conformance::preface_on_http1_response()),
     };
-    if let Some(bytes) = refusal {
-        use tokio::io::AsyncWriteExt;
-        debug!(site, client = %info.client, alpn = ?negotiated, "first bytes do not match the negotiated protocol; refusing");
-        let _ = tokio::time::timeout(timeouts.request_header, async {
-            tls.write_all(&bytes).await?;
-            tls.shutdown().await
-        })
-        .await;
-        return None;
-    }
+    let h2 = match served {
+        Ok(h2) => h2,
+        Err(bytes) => {
+            use tokio::io::AsyncWriteExt;
+            debug!(site, client = %info.client, alpn = ?negotiated, "first bytes do not match the negotiated protocol; refusing");
+            let _ = tokio::time::timeout(timeouts.request_header, async {
+                tls.write_all(&bytes).await?;
+                tls.shutdown().await
+            })
+            .await;
+            return None;
+        }
+    };
 
     let verdict = Arc::new(Verdict::default());
     let ctx = Arc::new(ConnContext {
@@ -187,16 +192,13 @@ pub async fn establish(
         life: life.clone(),
         slot,
     });
-    // HTTP/1.1 or h2 is settled by now: ALPN's choice passed the check
-    // above, and without ALPN the first bytes are the h2 preface or not.
-    let h2 = first.starts_with(H2_PREFACE);
     Some(h::serve(
         Framing::new(
             Prefixed::new(first, tls),
             entry.limits.max_header_size,
             entry.limits.max_headers,
             verdict,
-            negotiated != Negotiated::H2,
+            !h2,
             timeouts.request_header,
         ),
         &entry.http_builder,

@@ -40,8 +40,8 @@ pub fn preface_on_http1_response() -> Vec<u8> {
 /// How the first bytes of a terminated connection fit what ALPN chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Serve it.
-    Serve,
+    /// Serve it, as h2 (the first bytes are its preface) or HTTP/1.1.
+    Serve { h2: bool },
     /// `h2` negotiated but no h2 preface: GOAWAY and close.
     NotH2,
     /// `http/1.1` negotiated but the h2 preface came: 400 and close.
@@ -55,7 +55,7 @@ pub fn check_first_bytes(negotiated: super::Negotiated, first: &[u8]) -> Verdict
     match negotiated {
         super::Negotiated::H2 if !preface => Verdict::NotH2,
         super::Negotiated::Http1 if preface => Verdict::H2OnHttp1,
-        _ => Verdict::Serve,
+        _ => Verdict::Serve { h2: preface },
     }
 }
 
@@ -95,7 +95,7 @@ mod tests {
         let h1 = b"GET / HTTP/1.1\r\n";
         assert_eq!(
             check_first_bytes(Negotiated::H2, H2_PREFACE),
-            Verdict::Serve
+            Verdict::Serve { h2: true }
         );
         assert_eq!(check_first_bytes(Negotiated::H2, h1), Verdict::NotH2);
         assert_eq!(
@@ -106,12 +106,18 @@ mod tests {
             check_first_bytes(Negotiated::Http1, H2_PREFACE),
             Verdict::H2OnHttp1
         );
-        assert_eq!(check_first_bytes(Negotiated::Http1, h1), Verdict::Serve);
+        assert_eq!(
+            check_first_bytes(Negotiated::Http1, h1),
+            Verdict::Serve { h2: false }
+        );
         assert_eq!(
             check_first_bytes(Negotiated::Unknown, H2_PREFACE),
-            Verdict::Serve
+            Verdict::Serve { h2: true }
         );
-        assert_eq!(check_first_bytes(Negotiated::Unknown, h1), Verdict::Serve);
+        assert_eq!(
+            check_first_bytes(Negotiated::Unknown, h1),
+            Verdict::Serve { h2: false }
+        );
     }
 
     #[test]
