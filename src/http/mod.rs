@@ -64,7 +64,6 @@ pub enum Negotiated {
 /// both protocols and a copy of both builders. Measured on a release build:
 /// an HTTP/1.1 connection's boxed state went from 2,888 to 2,008 bytes, and
 /// the RSS per open SSE stream (2000 streams) from 41.8 to 36.7 KiB.
-#[derive(Clone)]
 pub struct Builder {
     h1: http1::Builder,
     h2: http2::Builder<ConnExecutor>,
